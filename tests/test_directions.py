@@ -12,6 +12,7 @@ from torch import nn
 from latentguard.errors import LatentGuardError
 from latentguard.latent.directions import (
     OnlineDirection,
+    class_mean_direction,
     class_projection_stats,
     layer_flip_delta,
     paired_direction,
@@ -150,6 +151,18 @@ def test_layer_flip_delta_pushes_clean_data_toward_the_target():
     # a stronger L2 penalty gives a smaller offset
     small = layer_flip_delta(model, "1", x, target, l2=50.0, epochs=20, lr=0.2, batch_size=96, device="cpu")
     assert small.norm() < delta.norm()
+
+
+def test_class_mean_direction():
+    g = torch.Generator().manual_seed(0)
+    acts = torch.randn(90, 2, 3, generator=g, dtype=torch.float64)
+    classes = torch.arange(90) % 3
+    acts[classes == 1] += 2.0
+    est = class_mean_direction(acts, classes, 1)
+    assert est.shape == (2, 3)
+    assert torch.allclose(est, acts[classes == 1].mean(0) - acts[classes != 1].mean(0))
+    with pytest.raises(LatentGuardError, match="inside and outside"):
+        class_mean_direction(acts, torch.zeros(90), 0)
 
 
 def test_layer_flip_delta_rejects_bad_target():

@@ -12,6 +12,7 @@ Estimators, by the data they need:
   in the penultimate latent (the smallest shift sending every clean latent into ``p``);
   :func:`layer_flip_delta` — the same idea for an intermediate layer: a shared ``δ`` of the layer's output
   shape, optimised through the rest of the network to push clean data into ``p`` under an L2 penalty;
+  :func:`class_mean_direction` — the offset of the clean class-``p`` mean from the other classes' (any layer);
 - paired clean/triggered activations: :func:`paired_direction` (mean of the differences, or their top
   principal direction);
 - unpaired clean and suspicious sets: :func:`unpaired_direction` (difference of means, the suspicious set
