@@ -7,14 +7,14 @@ import torch
 from torch import nn
 
 import latentguard.defenses.anp as anp
-from _defense_util_a import (
+from _defense_util import (
+    NARROW,
     FitSpy,
     assert_same_architecture,
     assert_state_equal,
     backdoored_digits,
     noise_images,
     rows_subset,
-    single_thread,
     state_copy,
     tiny_arch,
     tiny_mlp,
@@ -24,15 +24,9 @@ from latentguard.defenses.base import holdout_split, make_defense
 from latentguard.errors import ModelError, SpecError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
-    return backdoored_digits()
+def backdoored():
+    return backdoored_digits(**NARROW)
 
 
 def test_hook_equals_perturbed_batchnorm():
@@ -59,17 +53,18 @@ def test_hook_equals_perturbed_batchnorm():
     assert torch.allclose(bn(x), x_hat * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1), atol=1e-5)
 
 
-def test_runs_keeps_architecture_input_model_and_bn_statistics(setup, monkeypatch):
+def test_runs_keeps_architecture_input_model_and_bn_statistics(backdoored, monkeypatch):
     spy = FitSpy(monkeypatch, anp)
-    model = setup.fresh_model()
+    model = backdoored.fresh_model()
     before = state_copy(model)
-    result = make_defense("anp", iterations=4, batch_size=64).run(model, setup.reserve, device="cpu")
+    result = make_defense("anp", iterations=4, batch_size=64).run(model, backdoored.reserve, device="cpu")
     assert_same_architecture(model, result.model)
     assert_state_equal(model, before)
     assert result.extra["mask_steps"] == 4 and result.params["iterations"] == 4
     json.dumps(result.to_json())
     data, cfg = spy.calls[0]
-    assert rows_subset(data.x, setup.reserve.x) and len(data) == 4 * 64  # 4 batches drawn with replacement
+    # 4 batches drawn with replacement
+    assert rows_subset(data.x, backdoored.reserve.x) and len(data) == 4 * 64
     assert (cfg.lr, cfg.momentum, cfg.batch_size, cfg.schedule) == (0.2, 0.9, 64, "constant")
     sd, sd0 = result.model.state_dict(), before
     for name, idx in result.extra["pruned"].items():
@@ -79,29 +74,29 @@ def test_runs_keeps_architecture_input_model_and_bn_statistics(setup, monkeypatc
             assert torch.equal(sd[k], sd0[k]), k
 
 
-def test_zero_iterations_keep_masks_at_one_and_prune_nothing(setup):
-    model = setup.fresh_model()
-    result = make_defense("anp", iterations=0).run(model, setup.reserve, device="cpu")
+def test_zero_iterations_keep_masks_at_one_and_prune_nothing(backdoored):
+    model = backdoored.fresh_model()
+    result = make_defense("anp", iterations=0).run(model, backdoored.reserve, device="cpu")
     assert result.extra["n_pruned"] == 0 and result.extra["mask_steps"] == 0
     assert_state_equal(result.model, state_copy(model))
 
 
-def test_threshold_controls_pruning(setup):
-    low = make_defense("anp", iterations=6, batch_size=64, threshold=0.0).run(setup.fresh_model(), setup.reserve,
-                                                                             device="cpu")
-    high = make_defense("anp", iterations=6, batch_size=64, threshold=1.0).run(setup.fresh_model(), setup.reserve,
-                                                                              device="cpu")
+def test_threshold_controls_pruning(backdoored):
+    low = make_defense("anp", iterations=6, batch_size=64, threshold=0.0).run(
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
+    high = make_defense("anp", iterations=6, batch_size=64, threshold=1.0).run(
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
     assert low.extra["n_pruned"] == 0
     assert high.extra["n_pruned"] > 0
     assert high.extra["threshold"] == 1.0
 
 
-def test_threshold_chosen_on_the_holdout_only(setup, monkeypatch):
+def test_threshold_chosen_on_the_holdout_only(backdoored, monkeypatch):
     spy = FitSpy(monkeypatch, anp)
     r = make_defense("anp", iterations=4, batch_size=64, threshold=None, acc_drop=0.05).run(
-        setup.fresh_model(), setup.reserve, device="cpu")
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
     data, _ = spy.calls[0]
-    mask_part, holdout = holdout_split(setup.reserve, 0.2, seed=0)
+    mask_part, holdout = holdout_split(backdoored.reserve, 0.2, seed=0)
     assert rows_subset(data.x, mask_part.x)  # masks are learned without the holdout
     assert not rows_subset(holdout.x[:1], data.x)
     assert r.extra["threshold_chosen_on_holdout"] is True

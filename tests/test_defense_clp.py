@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 import latentguard.defenses.clp  # noqa: F401  (registration)
-from _defense_util_a import (
+from _defense_util import (
+    NARROW,
     assert_same_architecture,
     assert_state_equal,
     backdoored_digits,
     noise_images,
-    single_thread,
     state_copy,
     tiny_arch,
     tiny_mlp,
@@ -22,15 +22,9 @@ from latentguard.defenses.clp import channel_lipschitz_upper_bound
 from latentguard.errors import ModelError, SpecError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
-    return backdoored_digits()
+def backdoored():
+    return backdoored_digits(**NARROW)
 
 
 def test_uclc_is_the_spectral_norm_of_the_bn_scaled_kernel():
@@ -45,10 +39,10 @@ def test_uclc_is_the_spectral_norm_of_the_bn_scaled_kernel():
         assert torch.isclose(got[k], torch.linalg.svdvals(w.detach())[0], rtol=1e-5)
 
 
-def test_runs_keeps_architecture_and_input_model(setup):
-    model = setup.fresh_model()
+def test_runs_keeps_architecture_and_input_model(backdoored):
+    model = backdoored.fresh_model()
     before = state_copy(model)
-    result = make_defense("clp").run(model, setup.reserve, device="cpu")
+    result = make_defense("clp").run(model, backdoored.reserve, device="cpu")
     assert_same_architecture(model, result.model)
     assert_state_equal(model, before)
     assert result.params == {"u": 3.0, "layers": None, "bare_convs": False}
@@ -69,21 +63,22 @@ def test_prunes_a_planted_high_lipschitz_channel():
     assert result.model.block3[1].weight[5] == 0 and result.model.block3[1].bias[5] == 0
 
 
-def test_is_data_free(setup):
-    a = make_defense("clp", u=1.0).run(setup.fresh_model(), setup.reserve, device="cpu").model
-    b = make_defense("clp", u=1.0).run(setup.fresh_model(), noise_images(seed=3), device="cpu").model
+def test_is_data_free(backdoored):
+    a = make_defense("clp", u=1.0).run(backdoored.fresh_model(), backdoored.reserve, device="cpu").model
+    b = make_defense("clp", u=1.0).run(backdoored.fresh_model(), noise_images(seed=3), device="cpu").model
     assert_state_equal(a, state_copy(b))
 
 
-def test_u_controls_how_much_is_pruned(setup):
-    counts = [make_defense("clp", u=u).run(setup.fresh_model(), setup.reserve, device="cpu").extra["n_pruned"]
-              for u in (0.0, 1.0, 3.0)]
+def test_u_controls_how_much_is_pruned(backdoored):
+    counts = [make_defense("clp", u=u).run(backdoored.fresh_model(), backdoored.reserve, device="cpu")
+              .extra["n_pruned"] for u in (0.0, 1.0, 3.0)]
     assert counts[0] >= counts[1] >= counts[2]
     assert counts[0] > counts[2]
 
 
-def test_layers_bare_convs_and_architectures(setup):
-    r = make_defense("clp", u=0.0, layers=["block3.0"]).run(setup.fresh_model(), setup.reserve, device="cpu")
+def test_layers_bare_convs_and_architectures(backdoored):
+    r = make_defense("clp", u=0.0, layers=["block3.0"]).run(backdoored.fresh_model(), backdoored.reserve,
+                                                              device="cpu")
     assert list(r.extra["pruned"]) == ["block3.0"]
     pre = make_defense("clp").run(tiny_arch("preact_resnet18"), noise_images(), device="cpu")
     assert {"conv": "layer1.0.conv1", "bn": "layer1.0.bn2"} in pre.extra["layers"]
@@ -97,7 +92,8 @@ def test_layers_bare_convs_and_architectures(setup):
     with pytest.raises(ModelError):
         make_defense("clp").run(tiny_mlp(), noise_images(), device="cpu")
     with pytest.raises(ModelError):
-        make_defense("clp", layers=["block3.1"]).run(setup.fresh_model(), setup.reserve, device="cpu")
+        make_defense("clp", layers=["block3.1"]).run(backdoored.fresh_model(), backdoored.reserve,
+                                                     device="cpu")
 
 
 @pytest.mark.parametrize("bad", [{"u": -1}, {"u": float("inf")}, {"u": "3"}, {"layers": []}, {"layers": [1]},

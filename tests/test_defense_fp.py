@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import latentguard.defenses.fp as fp
-from _defense_util_a import (
+from _defense_util import (
+    NARROW,
     FitSpy,
     assert_same_architecture,
     assert_state_equal,
     backdoored_digits,
     noise_images,
     rows_subset,
-    single_thread,
     state_copy,
     tiny_arch,
     tiny_mlp,
@@ -23,30 +23,24 @@ from latentguard.defenses.tracing import last_feature_map, trace_model
 from latentguard.errors import ModelError, SpecError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
-    return backdoored_digits()
+def backdoored():
+    return backdoored_digits(**NARROW)
 
 
-def test_trace_finds_conv_bn_pairs_and_last_feature_map(setup):
-    x, _ = setup.reserve.tensors()
-    trace = trace_model(setup.model, x[:2])
+def test_trace_finds_conv_bn_pairs_and_last_feature_map(backdoored):
+    x, _ = backdoored.reserve.tensors()
+    trace = trace_model(backdoored.model, x[:2])
     assert trace.convs[-1] == "block3.0"
     assert trace.conv_bn["block3.0"] == "block3.1"
     assert len(trace.conv_bn) == 5
     assert last_feature_map(trace) == "block3"
 
 
-def test_runs_prunes_last_conv_and_keeps_architecture(setup):
-    model = setup.fresh_model()
+def test_runs_prunes_last_conv_and_keeps_architecture(backdoored):
+    model = backdoored.fresh_model()
     before = state_copy(model)
-    result = make_defense("fp", epochs=1).run(model, setup.reserve, device="cpu")
+    result = make_defense("fp", epochs=1).run(model, backdoored.reserve, device="cpu")
     assert_same_architecture(model, result.model)
     assert_state_equal(model, before)
     ex = result.extra
@@ -59,29 +53,33 @@ def test_runs_prunes_last_conv_and_keeps_architecture(setup):
     json.dumps(result.to_json())
 
 
-def test_prune_ratio_is_respected_and_changes_the_outcome(setup):
-    r1 = make_defense("fp", prune_ratio=0.25, epochs=0).run(setup.fresh_model(), setup.reserve, device="cpu")
-    r2 = make_defense("fp", prune_ratio=0.5, epochs=0).run(setup.fresh_model(), setup.reserve, device="cpu")
+def test_prune_ratio_is_respected_and_changes_the_outcome(backdoored):
+    r1 = make_defense("fp", prune_ratio=0.25, epochs=0).run(backdoored.fresh_model(), backdoored.reserve,
+                                                             device="cpu")
+    r2 = make_defense("fp", prune_ratio=0.5, epochs=0).run(backdoored.fresh_model(), backdoored.reserve,
+                                                            device="cpu")
     assert r1.extra["n_pruned"] == 8 and r2.extra["n_pruned"] == 16
     assert set(r1.extra["pruned_channels"]) < set(r2.extra["pruned_channels"])  # same dormancy order
     assert r1.params["prune_ratio"] == 0.25
 
 
-def test_pruned_channels_are_the_most_dormant(setup):
-    model = setup.fresh_model()
-    result = make_defense("fp", prune_ratio=0.25, epochs=0).run(model, setup.reserve, device="cpu")
+def test_pruned_channels_are_the_most_dormant(backdoored):
+    model = backdoored.fresh_model()
+    result = make_defense("fp", prune_ratio=0.25, epochs=0).run(model, backdoored.reserve, device="cpu")
     acts = []
     handle = model.block3[1].register_forward_hook(lambda m, a, o: acts.append(torch.relu(o).mean(dim=(0, 2, 3))))
     with torch.no_grad():
-        model(setup.reserve.tensors()[0])
+        model(backdoored.reserve.tensors()[0])
     handle.remove()
     dormant = set(torch.argsort(acts[0])[:8].tolist())
     assert len(dormant & set(result.extra["pruned_channels"])) >= 6  # ranking uses the reserve minus its holdout
 
 
-def test_accuracy_tolerance_controls_how_much_is_pruned(setup):
-    strict = make_defense("fp", acc_drop=0.0, epochs=0, step=2).run(setup.fresh_model(), setup.reserve, device="cpu")
-    loose = make_defense("fp", acc_drop=0.5, epochs=0, step=2).run(setup.fresh_model(), setup.reserve, device="cpu")
+def test_accuracy_tolerance_controls_how_much_is_pruned(backdoored):
+    strict = make_defense("fp", acc_drop=0.0, epochs=0, step=2).run(
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
+    loose = make_defense("fp", acc_drop=0.5, epochs=0, step=2).run(
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
     assert strict.extra["n_pruned"] <= loose.extra["n_pruned"]
     assert loose.extra["n_pruned"] > 0
     base = loose.extra["holdout_acc_curve"][0][1]
@@ -90,12 +88,13 @@ def test_accuracy_tolerance_controls_how_much_is_pruned(setup):
             assert acc >= base - 0.5 - 1e-9
 
 
-def test_uses_only_the_reserve(setup, monkeypatch):
+def test_uses_only_the_reserve(backdoored, monkeypatch):
     spy = FitSpy(monkeypatch, fp)
-    make_defense("fp", epochs=1, prune_ratio=0.1).run(setup.fresh_model(), setup.reserve, device="cpu")
+    make_defense("fp", epochs=1, prune_ratio=0.1).run(backdoored.fresh_model(), backdoored.reserve,
+                                                       device="cpu")
     assert len(spy.calls) == 1
     data, cfg = spy.calls[0]
-    assert len(data) == 130 and rows_subset(data.x, setup.reserve.x) and cfg.epochs == 1
+    assert len(data) == 130 and rows_subset(data.x, backdoored.reserve.x) and cfg.epochs == 1
 
 
 def test_named_layer_and_other_architectures():

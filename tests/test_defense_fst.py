@@ -7,13 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from _defense_util_b import (
+from _defense_util import (
+    assert_same_architecture,
+    assert_state_equal,
     backdoored_digits,
     forbid_test_data,
     max_param_change,
-    same_architecture,
-    single_thread,  # noqa: F401  (autouse)
-    state_equal,
     tiny_reserve,
 )
 from latentguard.defenses.fst import FST, FSTParams, NormProjection
@@ -28,9 +27,9 @@ def backdoored():
 def test_runs_on_the_reserve_only_keeps_architecture_input_and_head_norm(backdoored, monkeypatch):
     forbid_test_data(monkeypatch)
     before = copy.deepcopy(backdoored.model)
-    result = FST(epochs=2).run(backdoored.model, backdoored.clean, device="cpu")
-    assert state_equal(before, backdoored.model)
-    assert same_architecture(result.model, backdoored.model)
+    result = FST(epochs=2).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert_state_equal(before, backdoored.model)
+    assert_same_architecture(result.model, backdoored.model)
     assert result.params == dataclasses.asdict(FSTParams(epochs=2))
     assert result.params["alpha"] == 0.2 and result.params["lr"] == 0.01
     assert result.extra["head"] == "fc"
@@ -39,7 +38,7 @@ def test_runs_on_the_reserve_only_keeps_architecture_input_and_head_norm(backdoo
 
 
 def test_lowers_asr_and_shifts_the_head(backdoored):
-    result = FST(epochs=10, batch_size=32).run(backdoored.model, backdoored.clean, device="cpu")
+    result = FST(epochs=10, batch_size=32).run(backdoored.model, backdoored.reserve, device="cpu")
     ev = backdoored.evaluate(result.model)
     assert ev.asr < 0.2 and ev.acc > 0.5  # few steps on 130 images: accuracy is still recovering
     assert result.extra["head_cosine_to_original"] < 0

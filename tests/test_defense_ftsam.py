@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _defense_util_b import (
+from _defense_util import (
+    assert_same_architecture,
+    assert_state_equal,
     backdoored_digits,
     forbid_test_data,
     max_param_change,
-    same_architecture,
-    single_thread,  # noqa: F401  (autouse)
-    state_equal,
     tiny_reserve,
 )
 from latentguard.defenses.ftsam import FTSAM, FTSAMParams, SAMAscent, bn_statistics_frozen
@@ -67,16 +66,16 @@ def test_bn_statistics_unchanged_inside_the_context():
 def test_runs_on_the_reserve_only_keeps_architecture_and_input(backdoored, monkeypatch):
     forbid_test_data(monkeypatch)
     before = copy.deepcopy(backdoored.model)
-    result = FTSAM(epochs=2, batch_size=32).run(backdoored.model, backdoored.clean, device="cpu")
-    assert state_equal(before, backdoored.model)
-    assert same_architecture(result.model, backdoored.model)
+    result = FTSAM(epochs=2, batch_size=32).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert_state_equal(before, backdoored.model)
+    assert_same_architecture(result.model, backdoored.model)
     assert result.params == dataclasses.asdict(FTSAMParams(epochs=2, batch_size=32))
     assert result.params["rho"] == 2.0 and result.params["adaptive"] is True
     assert len(result.extra["history"]["epochs"]) == 2
 
 
 def test_lowers_asr(backdoored):
-    result = FTSAM(epochs=10, batch_size=32).run(backdoored.model, backdoored.clean, device="cpu")
+    result = FTSAM(epochs=10, batch_size=32).run(backdoored.model, backdoored.reserve, device="cpu")
     ev = backdoored.evaluate(result.model)
     assert ev.asr < backdoored.asr - 0.3 and ev.acc > 0.8
 

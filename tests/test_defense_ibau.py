@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _defense_util_b import (
+from _defense_util import (
+    assert_same_architecture,
+    assert_state_equal,
     backdoored_digits,
     forbid_test_data,
     max_param_change,
-    same_architecture,
-    single_thread,  # noqa: F401  (autouse)
-    state_equal,
     tiny_reserve,
 )
 from latentguard.defenses.ibau import IBAU, IBAUParams, hypergradient_loss, maximise_perturbation
@@ -29,8 +28,8 @@ def backdoored():
 @pytest.fixture(scope="module")
 def ibau_result(backdoored):
     before = copy.deepcopy(backdoored.model)
-    result = IBAU(batch_size=32).run(backdoored.model, backdoored.clean, device="cpu")
-    assert state_equal(before, backdoored.model), "run() must not modify the input model"
+    result = IBAU(batch_size=32).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert_state_equal(before, backdoored.model, msg="run() must not modify the input model")
     return result
 
 
@@ -44,7 +43,7 @@ def test_unlearning_lowers_asr(backdoored, ibau_result):
 def test_result_records_params_and_keeps_architecture(backdoored, ibau_result):
     assert ibau_result.params == dataclasses.asdict(IBAUParams(batch_size=32))
     assert ibau_result.params["fixed_point_steps"] == 5 and ibau_result.params["lr"] == 1e-3
-    assert same_architecture(ibau_result.model, backdoored.model)
+    assert_same_architecture(ibau_result.model, backdoored.model)
     assert max_param_change(ibau_result.model, backdoored.model) > 0
 
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import latentguard.defenses.nad as nad
-from _defense_util_a import (
+from _defense_util import (
+    NARROW,
     FitSpy,
     assert_same_architecture,
     assert_state_equal,
     backdoored_digits,
     noise_images,
     rows_subset,
-    single_thread,
     state_copy,
     tiny_arch,
     tiny_mlp,
@@ -23,15 +23,9 @@ from latentguard.defenses.nad import attention_map
 from latentguard.errors import ModelError, SpecError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
-    return backdoored_digits()
+def backdoored():
+    return backdoored_digits(**NARROW)
 
 
 def test_attention_map_is_normalised_channel_energy():
@@ -46,11 +40,11 @@ def test_attention_map_is_normalised_channel_energy():
         attention_map(torch.randn(3, 5))
 
 
-def test_runs_with_teacher_then_student_on_the_reserve_only(setup, monkeypatch):
+def test_runs_with_teacher_then_student_on_the_reserve_only(backdoored, monkeypatch):
     spy = FitSpy(monkeypatch, nad)
-    model = setup.fresh_model()
+    model = backdoored.fresh_model()
     before = state_copy(model)
-    result = make_defense("nad", teacher_epochs=1, epochs=1).run(model, setup.reserve, device="cpu")
+    result = make_defense("nad", teacher_epochs=1, epochs=1).run(model, backdoored.reserve, device="cpu")
     assert_same_architecture(model, result.model)
     assert_state_equal(model, before)
     assert result.extra["layers"] == ["block3"] and result.params["betas"] == [5000.0]
@@ -58,42 +52,44 @@ def test_runs_with_teacher_then_student_on_the_reserve_only(setup, monkeypatch):
     (t_data, t_cfg), (s_data, s_cfg) = spy.calls
     assert t_cfg.epochs == 1 and s_cfg.epochs == 1
     for data in (t_data, s_data):
-        assert len(data) == 130 and rows_subset(data.x, setup.reserve.x)
+        assert len(data) == 130 and rows_subset(data.x, backdoored.reserve.x)
     assert result.extra["mean_attention_loss"] > 0
     json.dumps(result.to_json())
 
 
-def test_beta_changes_the_outcome(setup):
+def test_beta_changes_the_outcome(backdoored):
     kw = dict(teacher_epochs=1, epochs=1, lr=0.05)
-    plain = make_defense("nad", betas=[0], **kw).run(setup.fresh_model(), setup.reserve, device="cpu")
-    distil = make_defense("nad", betas=[5000], **kw).run(setup.fresh_model(), setup.reserve, device="cpu")
+    plain = make_defense("nad", betas=[0], **kw).run(backdoored.fresh_model(), backdoored.reserve,
+                                                     device="cpu")
+    distil = make_defense("nad", betas=[5000], **kw).run(backdoored.fresh_model(), backdoored.reserve,
+                                                         device="cpu")
     assert plain.extra["mean_attention_loss"] == 0
     a, b = plain.model.state_dict(), distil.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_distillation_lowers_badnets_asr(setup):
-    before = setup.evaluate(setup.model)
+def test_distillation_lowers_badnets_asr(backdoored):
+    before = backdoored.evaluate(backdoored.model)
     result = make_defense("nad", betas=[300], teacher_epochs=5, epochs=10, lr=0.01, batch_size=32).run(
-        setup.fresh_model(), setup.reserve, device="cpu")
-    after = setup.evaluate(result.model)
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
+    after = backdoored.evaluate(result.model)
     assert after.asr < before.asr - 0.2
     assert after.acc > 0.6
 
 
-def test_layers_and_architectures(setup):
+def test_layers_and_architectures(backdoored):
     r = make_defense("nad", layers=["block2", "block3"], betas=[100, 1000], teacher_epochs=0, epochs=1).run(
-        setup.fresh_model(), setup.reserve, device="cpu")
+        backdoored.fresh_model(), backdoored.reserve, device="cpu")
     assert r.extra["layers"] == ["block2", "block3"]
     pre = make_defense("nad", teacher_epochs=0, epochs=1, batch_size=20).run(tiny_arch("preact_resnet18"),
                                                                              noise_images(), device="cpu")
     assert pre.extra["layers"] == ["layer4"]
     with pytest.raises(ModelError):
-        make_defense("nad", layers=["nope"], teacher_epochs=0).run(setup.fresh_model(), setup.reserve, device="cpu")
+        make_defense("nad", layers=["nope"], teacher_epochs=0).run(backdoored.fresh_model(), backdoored.reserve, device="cpu")
     with pytest.raises(ModelError):
         make_defense("nad", teacher_epochs=0).run(tiny_mlp(), noise_images(), device="cpu")
     with pytest.raises(ModelError):  # a 2-D activation has no spatial attention
-        make_defense("nad", layers=["fc1"], teacher_epochs=0, epochs=1).run(setup.fresh_model(), setup.reserve,
+        make_defense("nad", layers=["fc1"], teacher_epochs=0, epochs=1).run(backdoored.fresh_model(), backdoored.reserve,
                                                                             device="cpu")
 
 

@@ -6,14 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from _defense_util_b import (
+from _defense_util import (
     TARGET,
+    assert_same_architecture,
+    assert_state_equal,
     backdoored_digits,
     forbid_test_data,
     max_param_change,
-    same_architecture,
-    single_thread,  # noqa: F401  (autouse)
-    state_equal,
     tiny_reserve,
 )
 from latentguard.defenses.base import DetectionReport
@@ -31,8 +30,8 @@ def backdoored():
 @pytest.fixture(scope="module")
 def nc_result(backdoored):
     before = copy.deepcopy(backdoored.model)
-    result = NeuralCleanse(**FAST, unlearn_epochs=2).run(backdoored.model, backdoored.clean, device="cpu")
-    assert state_equal(before, backdoored.model), "run() must not modify the input model"
+    result = NeuralCleanse(**FAST, unlearn_epochs=2).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert_state_equal(before, backdoored.model, msg="run() must not modify the input model")
     return result
 
 
@@ -49,7 +48,7 @@ def test_flags_the_badnets_target_and_unlearning_lowers_asr(backdoored, nc_resul
 def test_result_records_params_and_keeps_architecture(backdoored, nc_result):
     assert nc_result.params == dataclasses.asdict(NCParams(**FAST, unlearn_epochs=2))
     assert nc_result.params["epochs"] == 30 and nc_result.params["unlearn_fraction"] == 0.2
-    assert same_architecture(nc_result.model, backdoored.model)
+    assert_same_architecture(nc_result.model, backdoored.model)
     assert nc_result.kind == "removal" and nc_result.seconds > 0
 
 
@@ -61,7 +60,7 @@ def test_nothing_flagged_returns_model_unchanged(backdoored, monkeypatch):
     assert result.detection.target_classes == []
     assert len(result.detection.norms) == len(result.detection.scores) == 10
     assert "unchanged" in result.extra["removal"]
-    assert state_equal(result.model, backdoored.model)
+    assert_state_equal(result.model, backdoored.model)
 
 
 def test_parameters_change_the_outcome(backdoored):
@@ -83,7 +82,8 @@ def test_reverse_engineer_trigger_shapes_and_model_untouched(backdoored):
     assert mask.shape == (16, 16) and pattern.shape == (1, 16, 16)
     assert 0 <= float(mask.min()) and float(mask.max()) <= 1 and 0 <= float(pattern.min()) <= float(pattern.max()) <= 1
     assert 0.0 <= asr <= 1.0
-    assert state_equal(before, model) and all(p.grad is None for p in model.parameters())
+    assert_state_equal(before, model)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_unlearning_hook_stamps_a_fraction_and_keeps_labels():

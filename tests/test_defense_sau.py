@@ -6,13 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from _defense_util_b import (
+from _defense_util import (
+    assert_same_architecture,
+    assert_state_equal,
     backdoored_digits,
     forbid_test_data,
     max_param_change,
-    same_architecture,
-    single_thread,  # noqa: F401  (autouse)
-    state_equal,
     tiny_reserve,
 )
 from latentguard.defenses.sau import SAU, SAUParams, sau_loss, shared_pgd
@@ -32,7 +31,8 @@ def test_shared_pgd_stays_in_the_ball_and_leaves_models_alone(backdoored):
     delta = shared_pgd(model, reference, x, y, SAUParams(eps=0.1, pgd_step=0.05))
     assert delta.shape == x.shape and float(delta.abs().max()) <= 0.1 + 1e-6
     assert model.training and all(m.training for m in model.modules())  # modes restored
-    assert state_equal(before, model) and all(p.grad is None for p in model.parameters())
+    assert_state_equal(before, model)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_loss_terms_follow_the_lambdas(backdoored):
@@ -48,16 +48,16 @@ def test_loss_terms_follow_the_lambdas(backdoored):
 def test_runs_on_the_reserve_only_keeps_architecture_and_input(backdoored, monkeypatch):
     forbid_test_data(monkeypatch)
     before = copy.deepcopy(backdoored.model)
-    result = SAU(epochs=1, batch_size=64).run(backdoored.model, backdoored.clean, device="cpu")
-    assert state_equal(before, backdoored.model)
-    assert same_architecture(result.model, backdoored.model)
+    result = SAU(epochs=1, batch_size=64).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert_state_equal(before, backdoored.model)
+    assert_same_architecture(result.model, backdoored.model)
     assert result.params == dataclasses.asdict(SAUParams(epochs=1, batch_size=64))
     assert result.params["eps"] == 0.2 and result.params["pgd_steps"] == 5
     assert max_param_change(result.model, backdoored.model) > 0
 
 
 def test_lowers_asr(backdoored):
-    result = SAU(epochs=4, batch_size=32, lr=1e-3).run(backdoored.model, backdoored.clean, device="cpu")
+    result = SAU(epochs=4, batch_size=32, lr=1e-3).run(backdoored.model, backdoored.reserve, device="cpu")
     ev = backdoored.evaluate(result.model)
     assert ev.asr < backdoored.asr - 0.3 and ev.acc > 0.7
 

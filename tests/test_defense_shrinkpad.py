@@ -7,21 +7,15 @@ import torch
 from torch import nn
 
 import latentguard.defenses.shrinkpad  # noqa: F401  (registration)
-from _defense_util_a import assert_state_equal, backdoored_digits, noise_images, single_thread, state_copy
+from _defense_util import NARROW, assert_state_equal, backdoored_digits, noise_images, state_copy
 from latentguard.defenses.base import make_defense
 from latentguard.defenses.shrinkpad import ShrinkPadModel, shrink_pad
 from latentguard.errors import SpecError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def setup(_one_thread):
-    return backdoored_digits()
+def backdoored():
+    return backdoored_digits(**NARROW)
 
 
 def test_shrink_pad_geometry():
@@ -37,35 +31,36 @@ def test_shrink_pad_geometry():
         shrink_pad(x, 16)
 
 
-def test_wrapper_keeps_the_model_and_its_call_signature(setup):
-    before = state_copy(setup.model)
-    result = make_defense("shrinkpad").run(setup.model, setup.reserve, device="cpu")
+def test_wrapper_keeps_the_model_and_its_call_signature(backdoored):
+    before = state_copy(backdoored.model)
+    result = make_defense("shrinkpad").run(backdoored.model, backdoored.reserve, device="cpu")
     assert result.kind == "runtime"
     wrapper = result.model
     assert isinstance(wrapper, ShrinkPadModel)
     assert result.extra == {"pad": 2, "image_size": [16, 16]} and result.params["pad"] is None
-    assert list(wrapper.state_dict()) == [f"model.{k}" for k in setup.model.state_dict()]
-    assert_state_equal(setup.model, before)
+    assert list(wrapper.state_dict()) == [f"model.{k}" for k in backdoored.model.state_dict()]
+    assert_state_equal(backdoored.model, before)
     json.dumps(result.to_json())
-    x, _ = setup.test.tensors()
+    x, _ = backdoored.test.tensors()
     assert wrapper(x[:7]).shape == (7, 10)
-    assert wrapper(setup.backdoor_set[0][:3]).shape == (3, 10)  # uint8 input like the model accepts
+    assert wrapper(backdoored.backdoor_set[0][:3]).shape == (3, 10)  # uint8 input like the model accepts
 
 
-def test_pad_parameter_and_reproducibility(setup):
-    x, _ = setup.test.tensors()
-    a = make_defense("shrinkpad", pad=4).run(setup.model, setup.reserve, device="cpu", seed=1).model
-    b = make_defense("shrinkpad", pad=4).run(setup.model, setup.reserve, device="cpu", seed=1).model
+def test_pad_parameter_and_reproducibility(backdoored):
+    x, _ = backdoored.test.tensors()
+    a = make_defense("shrinkpad", pad=4).run(backdoored.model, backdoored.reserve, device="cpu", seed=1).model
+    b = make_defense("shrinkpad", pad=4).run(backdoored.model, backdoored.reserve, device="cpu", seed=1).model
     assert a.pad == 4 and torch.equal(a(x[:20]), b(x[:20]))
     with pytest.raises(SpecError):
-        make_defense("shrinkpad", pad=16).run(setup.model, setup.reserve, device="cpu")
+        make_defense("shrinkpad", pad=16).run(backdoored.model, backdoored.reserve, device="cpu")
     big = noise_images()
     assert make_defense("shrinkpad").run(nn.Flatten(), big, device="cpu").extra["pad"] == 2
 
 
-def test_lowers_badnets_asr_and_keeps_accuracy(setup):
-    before = setup.evaluate(setup.model)
-    after = setup.evaluate(make_defense("shrinkpad").run(setup.model, setup.reserve, device="cpu").model)
+def test_lowers_badnets_asr_and_keeps_accuracy(backdoored):
+    before = backdoored.evaluate(backdoored.model)
+    defended = make_defense("shrinkpad").run(backdoored.model, backdoored.reserve, device="cpu").model
+    after = backdoored.evaluate(defended)
     assert after.asr < before.asr - 0.2
     assert after.acc > before.acc - 0.15
 

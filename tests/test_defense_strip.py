@@ -8,44 +8,31 @@ import torch
 from torch import nn
 
 import latentguard.defenses.strip  # noqa: F401  (registration)
-from _defense_util_a import (
-    assert_state_equal,
-    backdoored_digits,
-    noise_images,
-    single_thread,
-    state_copy,
-    tiny_arch,
-)
+from _defense_util import NARROW, assert_state_equal, backdoored_digits, noise_images, state_copy, tiny_arch
 from latentguard import metrics
 from latentguard.defenses.base import make_defense
 from latentguard.defenses.strip import StripDetector, strip_detector
 from latentguard.errors import SpecError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+@pytest.fixture(scope="module")
+def backdoored():
+    return backdoored_digits(**NARROW)
 
 
 @pytest.fixture(scope="module")
-def setup(_one_thread):
-    return backdoored_digits()
+def result(backdoored):
+    return make_defense("strip", n_superimpose=20).run(backdoored.model, backdoored.reserve, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def result(setup):
-    return make_defense("strip", n_superimpose=20).run(setup.model, setup.reserve, device="cpu")
-
-
-def test_returns_the_unchanged_model_and_a_detector(setup, result):
-    before = state_copy(setup.model)
+def test_returns_the_unchanged_model_and_a_detector(backdoored, result):
+    before = state_copy(backdoored.model)
     assert result.kind == "runtime"
     assert_state_equal(result.model, before)
-    assert_state_equal(setup.model, before)
+    assert_state_equal(backdoored.model, before)
     det = strip_detector(result)
     assert isinstance(det, StripDetector)
-    x, _ = setup.test.tensors()
+    x, _ = backdoored.test.tensors()
     assert torch.equal(det(x[:5]), result.model(x[:5]))  # forward = the model's logits
     assert list(det.state_dict()) == [f"model.{k}" for k in result.model.state_dict()]
     assert det.flag(x[:5]).dtype == torch.bool
@@ -53,27 +40,28 @@ def test_returns_the_unchanged_model_and_a_detector(setup, result):
     json.dumps(result.to_json())
 
 
-def test_overlays_are_the_reserve_only(setup, result):
+def test_overlays_are_the_reserve_only(backdoored, result):
     det = strip_detector(result)
-    x, _ = setup.reserve.tensors()
+    x, _ = backdoored.reserve.tensors()
     assert torch.equal(det.overlays, x)
 
 
-def test_threshold_from_clean_entropies_at_the_frr(setup, result):
+def test_threshold_from_clean_entropies_at_the_frr(backdoored, result):
     ex = result.extra
     assert ex["score_threshold"] == -ex["entropy_threshold"]
     assert ex["entropy_threshold"] < ex["clean_entropy_mean"]
     assert ex["clean_frr"] <= 0.08  # about 1 % of the reserve is rejected
-    strict = make_defense("strip", n_superimpose=20, frr=0.2).run(setup.model, setup.reserve, device="cpu")
+    strict = make_defense("strip", n_superimpose=20, frr=0.2).run(backdoored.model, backdoored.reserve,
+                                                                   device="cpu")
     assert strict.extra["entropy_threshold"] > ex["entropy_threshold"]
     q = make_defense("strip", n_superimpose=20, threshold_rule="quantile", frr=0.1).run(
-        setup.model, setup.reserve, device="cpu")
+        backdoored.model, backdoored.reserve, device="cpu")
     assert abs(q.extra["clean_frr"] - 0.1) < 0.03
 
 
-def test_triggered_inputs_score_higher_than_clean_ones(setup, result):
-    xc, _ = setup.test.tensors()
-    xb = setup.backdoor_set[0]
+def test_triggered_inputs_score_higher_than_clean_ones(backdoored, result):
+    xc, _ = backdoored.test.tensors()
+    xb = backdoored.backdoor_set[0]
     s_clean = result.input_score(xc[:150])
     s_bd = result.input_score(xb[:150])
     scores = torch.cat([s_clean, s_bd]).numpy()
@@ -84,10 +72,10 @@ def test_triggered_inputs_score_higher_than_clean_ones(setup, result):
     assert det.flag(xc[:150]).float().mean() < 0.2
 
 
-def test_n_superimpose_and_seed_reproducibility(setup):
-    x = setup.backdoor_set[0][:10]
-    a = make_defense("strip", n_superimpose=5).run(setup.model, setup.reserve, device="cpu", seed=3)
-    b = make_defense("strip", n_superimpose=5).run(setup.model, setup.reserve, device="cpu", seed=3)
+def test_n_superimpose_and_seed_reproducibility(backdoored):
+    x = backdoored.backdoor_set[0][:10]
+    a = make_defense("strip", n_superimpose=5).run(backdoored.model, backdoored.reserve, device="cpu", seed=3)
+    b = make_defense("strip", n_superimpose=5).run(backdoored.model, backdoored.reserve, device="cpu", seed=3)
     assert torch.allclose(a.input_score(x), b.input_score(x))
     assert a.extra["entropy_threshold"] == b.extra["entropy_threshold"]
 

@@ -21,6 +21,7 @@ import numpy as np
 from latentguard.errors import LatentGuardError
 
 RESULTS = "results.jsonl"
+AUROC_SAMPLES = 1000  # triggered and clean test inputs each, for a per-input score's AUROC
 
 
 def cell_key(dataset: str, attack: str, defense: str) -> str:
@@ -81,11 +82,18 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         rec["target"] = atk.spec.target if atk else None
         rec["detection_correct"] = (atk is None and not det.backdoored) or (
             atk is not None and not atk.spec.all_to_all and atk.spec.target in det.target_classes)
+        rec["detection"] = {"method": det.method, "norms": det.norms, "scores": det.scores,
+                            "threshold": det.threshold, "seconds": det.seconds}
     if result.input_score is not None and backdoor_set is not None:
-        x_clean, _ = splits.test.tensors()
+        # a seeded subsample of each side: STRIP costs ``n_superimpose`` forwards per input
+        rng = np.random.default_rng(seed)
+        i_clean = np.sort(rng.permutation(len(splits.test))[:AUROC_SAMPLES])
+        i_bd = np.sort(rng.permutation(len(backdoor_set[0]))[:AUROC_SAMPLES])
+        x_clean, _ = splits.test.subset(i_clean).tensors()
         with torch.no_grad():
             s_clean = _scores(result.input_score, x_clean)
-            s_bd = _scores(result.input_score, backdoor_set[0].float() / 255)
+            s_bd = _scores(result.input_score, backdoor_set[0][i_bd].float() / 255)
+        rec["input_auroc_samples"] = [len(i_bd), len(i_clean)]
         rec["input_auroc"] = metrics.auroc(np.concatenate([s_bd, s_clean]),
                                            np.r_[np.ones(len(s_bd)), np.zeros(len(s_clean))])
     return rec

@@ -269,7 +269,7 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
     net = open_model(model, weights, splits, width=width, head=head)
     with atomic_output_dir(out, inputs=_defender_inputs(model, weights, clean, [clean_indices]),
                            overwrite=overwrite) as tmp:
-        report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev)
+        report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head)
         payload = {**report.to_json(), "class_names": reserve.class_names, "clean_size": len(reserve)}
         write_json(tmp / "detection.json", payload)
         plot_detection(payload, tmp / "detection.png", class_names=reserve.class_names)
@@ -290,7 +290,7 @@ def defend_command(*, method: str, params: dict[str, Any], model: str, weights: 
     from latentguard.evaluation import evaluate
 
     dev = resolve_device(device)
-    defense = make_defense(method, **params)
+    defense = make_defense(method, **_with_head(method, params, head))
     reserve, splits = load_clean(clean, fraction=clean_fraction, seed=seed, indices=clean_indices)
     net = open_model(model, weights, splits, width=width, head=head)
     arch = _arch_of(model, weights, splits, width)
@@ -324,6 +324,20 @@ def defend_command(*, method: str, params: dict[str, Any], model: str, weights: 
         )
         write_json(tmp / "report.json", record)
     return record
+
+
+def _with_head(method: str, params: dict[str, Any], head: str | None) -> dict[str, Any]:
+    """``--head`` reaches every defense that splits the model at its head (those with a ``head`` parameter)."""
+    import dataclasses
+
+    from latentguard.defenses import DEFENSES
+
+    if method not in DEFENSES:
+        return params  # make_defense names the choices
+    fields = {f.name for f in dataclasses.fields(DEFENSES[method].Params)}
+    if head is None or "head" not in fields or params.get("head") is not None:
+        return params
+    return {**params, "head": head}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -127,11 +127,19 @@ def _map(fn, tasks: list, workers: int) -> Iterable:
             with warnings.catch_warnings():
                 # Python >= 3.12 warns about fork in a process with threads; the workers only run Pillow.
                 warnings.simplefilter("ignore", DeprecationWarning)
-                pool = ctx.Pool(min(workers, len(tasks)))
+                pool = ctx.Pool(min(workers, len(tasks)), initializer=_default_signals)
             with pool:
                 yield from pool.imap(fn, tasks)
             return
     yield from map(fn, tasks)
+
+
+def _default_signals() -> None:
+    """Workers die quietly on the pool's SIGTERM instead of running a handler inherited from the caller."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
 
 def _resolve_workers(n_files: int, workers: int | None) -> int:

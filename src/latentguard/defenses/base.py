@@ -154,7 +154,10 @@ def low_outlier_report(
     from latentguard.latent.outliers import anomaly_index
 
     norms = np.asarray(norms, dtype=np.float64)
-    scores = anomaly_index(norms, log=log)
+    # a zero statistic (e.g. every clean input already in class k) is the most extreme small value there is:
+    # on the log scale it is floored just above zero instead of refused
+    stat = np.maximum(norms, 1e-12 * max(float(norms.max()), 1e-300)) if log and norms.size else norms
+    scores = anomaly_index(stat, log=log)
     flagged = np.flatnonzero(scores > threshold)
     return DetectionReport(
         method=method,

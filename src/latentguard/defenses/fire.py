@@ -118,7 +118,6 @@ from latentguard.defenses.base import (
     Defense,
     DefenseResult,
     DetectionReport,
-    low_outlier_report,
     register_defense,
 )
 from latentguard.device import resolve_device
@@ -853,20 +852,11 @@ def _gate_shift(zf: torch.Tensor, unit: torch.Tensor, amount: torch.Tensor) -> t
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _detect_targets(model: nn.Module, clean: Images, latents: torch.Tensor, head: nn.Linear,
-                    dev: torch.device) -> DetectionReport:
-    """The backdoor target class(es): the TAC detector when available, else the local QP fallback."""
-    try:
-        from latentguard.defenses import tac
-    except ImportError:
-        tac = None
-    if tac is not None and hasattr(tac, "detect"):
-        return tac.detect(model, clean, device=dev)
-    from latentguard.latent.qp import minimal_flip_perturbations
+def _detect_targets(model: nn.Module, clean: Images, head_name: str, dev: torch.device) -> DetectionReport:
+    """The backdoor target class(es), flagged by the TAC detector with its default threshold."""
+    from latentguard.defenses import tac
 
-    bias = head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)
-    sol = minimal_flip_perturbations(latents, head.weight.detach(), bias)
-    return low_outlier_report("tac-qp", np.asarray(sol.norms), 3.0, log=True)
+    return tac.detect(model, clean, device=dev, head=head_name)
 
 
 def _augmented(x: torch.Tensor, views: int, gen: torch.Generator, hflip: bool) -> torch.Tensor:
@@ -1015,6 +1005,7 @@ def repair(
     device: str | torch.device | None = "auto",
     seed: int = 0,
     batch_size: int = 256,
+    head: str | None = None,
 ) -> RepairedModel:
     """Estimate backdoor directions and clean statistics and wrap ``model`` in a :class:`RepairedModel`.
 
@@ -1065,7 +1056,7 @@ def repair(
     dev = resolve_device(device)
     model.to(dev).eval()
     x_probe, _ = clean.subset(np.arange(min(2, len(clean)))).tensors()
-    fm = split_model(model, example_input=x_probe.to(dev))
+    fm = split_model(model, head=head, example_input=x_probe.to(dev))
     num_classes = fm.num_classes
     if clean.num_classes != num_classes:
         raise SpecError(f"the clean reserve has {clean.num_classes} classes but the model outputs {num_classes}")
@@ -1086,7 +1077,7 @@ def repair(
         pen = _resolve_sites(model, [PENULTIMATE], fm.head_name)
         acts_pen, logits_fit = _collect(model, pen, x_fit, batch_size, dev)
         if target is None:
-            detection = _detect_targets(model, clean, acts_pen[PENULTIMATE], head, dev)
+            detection = _detect_targets(model, clean, fm.head_name, dev)
             targets = [int(t) for t in detection.target_classes]
         else:
             targets = [int(target)] if isinstance(target, int | np.integer) else [int(t) for t in target]
@@ -1313,8 +1304,11 @@ class Fire(Defense):
         target: int | list[int] | None = None
         tolerance: float = 0.02
         folds: int = 4
+        head: str | None = None  # name of the output nn.Linear (None: found automatically)
 
         def __post_init__(self) -> None:
+            if self.head is not None and not (isinstance(self.head, str) and self.head):
+                raise SpecError(f"fire: head must be the name of the output nn.Linear, got {self.head!r}")
             for value, allowed, what in ((self.rule, RULES, "rule"), (self.gate, GATES, "gate"),
                                          (self.source, SOURCES, "source")):
                 if value not in allowed:
@@ -1339,5 +1333,5 @@ class Fire(Defense):
         p = self.params
         wrapper = repair(model, clean, target=p.target, layer=p.layer, rule=p.rule, gate=p.gate, floor=p.floor,
                          source=p.source, alpha=p.alpha, quantile=p.quantile, tolerance=p.tolerance, folds=p.folds,
-                         device=device, seed=seed)
+                         device=device, seed=seed, head=p.head)
         return self._result(wrapper, detection=wrapper.detection, input_score=wrapper.score, extra=dict(wrapper.info))

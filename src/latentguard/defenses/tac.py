@@ -52,7 +52,7 @@ class TACParams:
     threshold: float = DEFAULT_THRESHOLD  # α: flag classes whose anomaly index of log ‖s_k‖ exceeds this
     log_norms: bool = True  # MAD on log-norms (norms spread multiplicatively across classes)
     quantile: float = 1.0  # fraction of clean samples that must flip (1.0 = all, as in the paper)
-    targets: list[int] | None = None  # skip detection and treat these classes as poisoned
+    targets: list[int] | None = None  # skip detection and treat these classes as poisoned (no early stop)
     strategy: str = "finetune"  # finetune (the paper) | prune (zero the top-|s_p| latent units, then fine-tune)
     beta: float = 1.0  # β: weight of the reconstructed-TAC unlearning term
     epochs: int = 10
@@ -63,6 +63,7 @@ class TACParams:
     stop_ratio: float = 1.0  # drop p's unlearning term once ‖s_p‖ ≥ stop_ratio · median of the other ‖s_k‖ (0: never)
     prune_ratio: float = 0.05  # fraction of latent units pruned by strategy="prune"
     detect_only: bool = False  # return the model unchanged with the detection report
+    head: str | None = None  # name of the output nn.Linear (None: found automatically)
 
     def __post_init__(self) -> None:
         check(is_real(self.threshold) and self.threshold > 0, "tac", "threshold", "a number > 0", self.threshold)
@@ -80,16 +81,18 @@ class TACParams:
         check(is_real(self.prune_ratio) and 0.0 < self.prune_ratio < 1.0, "tac", "prune_ratio", "in (0, 1)",
               self.prune_ratio)
         check(isinstance(self.detect_only, bool), "tac", "detect_only", "true or false", self.detect_only)
+        check(self.head is None or (isinstance(self.head, str) and bool(self.head)), "tac", "head",
+              "the name of the output nn.Linear", self.head)
         if is_int(self.targets):
             self.targets = [self.targets]
         check(self.targets is None or (isinstance(self.targets, list) and all(is_int(t) and t >= 0 for t in self.targets)),
               "tac", "targets", "a list of class indices", self.targets)
 
 
-def feature_model(model: nn.Module, clean: Images, device: torch.device) -> FeatureModel:
-    """Split ``model`` into latent + head with a probe on two clean images."""
+def feature_model(model: nn.Module, clean: Images, device: torch.device, head: str | None = None) -> FeatureModel:
+    """Split ``model`` into latent + head (``head`` names it, else found) with a probe on two clean images."""
     x, _ = clean.subset(np.arange(min(2, len(clean)))).tensors(device)
-    return split_model(model, example_input=x)
+    return split_model(model, head=head, example_input=x)
 
 
 def solve_tac(fm: FeatureModel, clean: Images, *, device: torch.device, quantile: float = 1.0,
@@ -106,13 +109,14 @@ def _bias(head: nn.Linear) -> torch.Tensor:
 
 
 def detect(model: nn.Module, clean: Images, *, threshold: float = DEFAULT_THRESHOLD, log_norms: bool = True,
-           quantile: float = 1.0, device: str | torch.device | None = "auto") -> DetectionReport:
-    """Per-class ‖s_k‖, their anomaly indices and the flagged (poisoned) classes."""
+           quantile: float = 1.0, device: str | torch.device | None = "auto", head: str | None = None) -> DetectionReport:
+    """Per-class ‖s_k‖, their anomaly indices and the flagged (poisoned) classes (``head``: the output layer's
+    name when it cannot be found automatically)."""
     from latentguard.device import resolve_device
 
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    fm = feature_model(model, clean, dev)
+    fm = feature_model(model, clean, dev, head)
     solution = solve_tac(fm, clean, device=dev, quantile=quantile)
     report = low_outlier_report("tac", solution.norms, threshold, log=log_norms,
                                 extra={"quantile": quantile, "kkt_residual_max": float(solution.kkt_residual.max())})
@@ -130,20 +134,25 @@ class TAC(Defense):
 
     def detect(self, model: nn.Module, clean: Images, *, device: str | torch.device | None = "auto") -> DetectionReport:
         p = self.params
-        return detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile, device=device)
+        return detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile, device=device,
+                      head=p.head)
 
     def _run(self, model: nn.Module, clean: Images, device: torch.device, seed: int) -> DefenseResult:
         p = self.params
-        report = detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile,
-                        device=device)
+        report = None
+        if p.targets is None or p.detect_only:
+            report = detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile,
+                            device=device, head=p.head)
         targets = list(p.targets) if p.targets is not None else report.target_classes
         if any(t >= clean.num_classes for t in targets):
             raise SpecError(f"tac: targets {targets} are not classes of a {clean.num_classes}-class model")
         if not targets or p.detect_only:
             reason = "detect_only" if p.detect_only else "no class flagged: model returned unchanged"
             return self._result(model, detection=report, extra={"removal": reason})
-        fm = feature_model(model, clean, device)
-        state = _Perturbations(fm, clean, targets, device, p.quantile, p.stop_ratio)
+        fm = feature_model(model, clean, device, p.head)
+        # classes the user names are unlearned to the end: the early stop is for detected outliers
+        stop_ratio = p.stop_ratio if p.targets is None else 0.0
+        state = _Perturbations(fm, clean, targets, device, p.quantile, stop_ratio)
         extra: dict = {"targets": targets, "initial_norms": state.norms()}
         if p.strategy == "prune":
             extra["pruned_units"] = prune_latent_units(fm.head, state.tensor(), p.prune_ratio)
@@ -166,7 +175,7 @@ class TAC(Defense):
         history = fit(fm, clean, cfg, device=device, loss_fn=loss_fn, epoch_hook=epoch_hook)
         mask.remove()
         state.refresh()
-        extra.update(final_norms=state.norms(), norm_trace=state.trace, history=history.to_dict())
+        extra.update(final_norms=state.norms(), norm_trace=state.trace, active_trace=state.active_trace, history=history.to_dict())
         return self._result(model, detection=report, extra=extra)
 
 
@@ -188,7 +197,8 @@ class _Perturbations:
     _s: torch.Tensor = field(init=False)
     _norms: np.ndarray = field(init=False)
     active: list[int] = field(init=False)
-    trace: list[list[float]] = field(default_factory=list)
+    trace: list[list[float]] = field(default_factory=list)  # ‖s_p‖ of every target at every refresh
+    active_trace: list[list[int]] = field(default_factory=list)  # the targets still unlearned after it
 
     def __post_init__(self) -> None:
         self.refresh()
@@ -203,6 +213,7 @@ class _Perturbations:
         median = float(np.median(others)) if others.size else float("inf")
         self.active = [t for t in self.targets
                        if not (self.stop_ratio > 0 and sol.norms[t] >= self.stop_ratio * median)]
+        self.active_trace.append(list(self.active))
         self._s = torch.as_tensor(sol.perturbations[self.active], dtype=torch.float32, device=self.device)
 
     def tensor(self) -> torch.Tensor:

@@ -1,0 +1,315 @@
+"""TAC: the latent-QP detector of the poisoned class and its removal (fine-tune / prune) on the clean reserve."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import latentguard.defenses.tac as tac
+from _defense_util import (
+    NARROW,
+    TARGET,
+    FitSpy,
+    assert_same_architecture,
+    assert_state_equal,
+    backdoored_digits,
+    clean_digits,
+    forbid_test_data,
+    max_param_change,
+    rows_subset,
+    state_copy,
+)
+from latentguard.data import Images
+from latentguard.defenses import DEFENSES, fire, make_defense
+from latentguard.defenses.tac import TACParams, detect, prune_latent_units
+from latentguard.errors import ModelError, SpecError
+from latentguard.models import load_model
+from latentguard.workflows import _with_head
+
+FIXTURE = Path(__file__).parent / "fixtures" / "user_model.py"
+FAST = dict(epochs=2, batch_size=64)  # enough to see that a parameter acts, not to remove the backdoor
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """Width-16 small_cnn, BadNets target 0, 130-image reserve."""
+    return backdoored_digits()
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """The same trained model with a 270-image reserve: fine-tuning on 130 images alone costs ~20 ACC points."""
+    return backdoored_digits(reserve=0.2, reserve_seed=1)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    """A small_cnn trained without poison."""
+    return clean_digits(**NARROW)
+
+
+# ----------------------------------------------------------------------------- detection
+def test_detect_flags_the_badnets_target_and_no_other_class(backdoored):
+    before = state_copy(backdoored.model)
+    report = detect(backdoored.model, backdoored.reserve, device="cpu")
+    assert report.method == "tac" and report.threshold == tac.DEFAULT_THRESHOLD == 3.0
+    assert report.target_classes == [TARGET] and report.backdoored
+    assert len(report.norms) == len(report.scores) == 10
+    assert all(np.isfinite(report.norms)) and min(report.norms) > 0
+    assert int(np.argmin(report.norms)) == TARGET
+    others = [s for k, s in enumerate(report.scores) if k != TARGET]
+    assert report.scores[TARGET] > 2 * report.threshold > report.threshold > max(others)  # measured 6.5 vs 1.4
+    assert report.extra["kkt_residual_max"] < 1e-6 and report.seconds > 0
+    assert_state_equal(backdoored.model, before)
+    # the class method is the same detector
+    assert make_defense("tac").detect(backdoored.model, backdoored.reserve, device="cpu").norms == report.norms
+
+
+def test_detect_does_not_flag_a_clean_model(clean):
+    assert clean.asr < 0.05  # the trigger does nothing on this model
+    report = detect(clean.model, clean.reserve, device="cpu")
+    assert report.target_classes == [] and not report.backdoored
+    assert len(report.norms) == len(report.scores) == 10
+    assert max(report.scores) < report.threshold - 1  # measured 1.35
+
+
+def test_a_clean_model_is_returned_unchanged(clean, monkeypatch):
+    forbid_test_data(monkeypatch)
+    result = make_defense("tac").run(clean.model, clean.reserve, device="cpu")
+    assert result.detection.target_classes == []
+    assert "no class flagged" in result.extra["removal"]
+    assert_state_equal(result.model, clean.model)
+
+
+# ----------------------------------------------------------------------------- removal
+@pytest.fixture(scope="module")
+def removal(wide):
+    """The full detect-then-fine-tune run, on the reserve only (data loading forbidden, ``fit`` spied on)."""
+    before = state_copy(wide.model)
+    with pytest.MonkeyPatch.context() as mp:
+        forbid_test_data(mp)
+        spy = FitSpy(mp, tac)
+        result = make_defense("tac", batch_size=64).run(wide.model, wide.reserve, device="cpu")
+    return result, spy.calls, before
+
+
+def test_removal_lowers_asr_and_keeps_accuracy(wide, removal):
+    result, _, _ = removal
+    assert wide.asr > 0.95
+    after = wide.evaluate(result.model)
+    assert after.asr < 0.1  # measured 0.01
+    assert after.acc > wide.acc - 0.04  # measured 0.949 vs 0.962
+    assert result.detection.target_classes == [TARGET] and result.extra["targets"] == [TARGET]
+    # the reconstructed change into the target grows: the head no longer maps a small shift to class 0
+    assert result.extra["final_norms"][0] > 2 * result.extra["initial_norms"][0]
+    assert len(result.extra["norm_trace"]) == 10 + 2  # the initial solve, one per epoch, the final one
+
+
+def test_removal_uses_only_the_reserve_and_leaves_the_input_alone(wide, removal):
+    result, calls, before = removal
+    assert_state_equal(wide.model, before)
+    assert_same_architecture(result.model, wide.model)
+    assert type(result.model) is type(wide.model) and result.model is not wide.model
+    assert max_param_change(result.model, wide.model) > 0
+    assert len(calls) == 1
+    data, cfg = calls[0]
+    assert len(data) == len(wide.reserve) and rows_subset(data.x, wide.reserve.x)
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.schedule) == (10, 0.01, 64, 5e-4, "cosine")
+    assert result.kind == "removal" and result.name == "tac" and result.seconds > 0
+    assert result.params == dataclasses.asdict(TACParams(batch_size=64))
+    json.dumps(result.to_json())
+
+
+# ----------------------------------------------------------------------------- parameters
+def test_detect_only_returns_the_model_unchanged_with_a_report(backdoored, monkeypatch):
+    forbid_test_data(monkeypatch)
+    result = make_defense("tac", detect_only=True).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert result.extra == {"removal": "detect_only"}
+    assert result.detection.target_classes == [TARGET] and len(result.detection.norms) == 10
+    assert result.model is not backdoored.model
+    assert_state_equal(result.model, backdoored.model)
+
+
+def test_targets_skip_detection(backdoored, clean, monkeypatch):
+    # nothing is flagged on the clean model, yet the given class is treated as poisoned, without detection
+    import latentguard.defenses.tac as tac_module
+
+    def no_detection(*_a, **_k):
+        raise AssertionError("detection must not run when targets are given")
+
+    with monkeypatch.context() as m:
+        m.setattr(tac_module, "detect", no_detection)
+        r = make_defense("tac", targets=3, **FAST).run(clean.model, clean.reserve, device="cpu")
+    assert r.params["targets"] == [3] and r.extra["targets"] == [3] and r.detection is None
+    assert "removal" not in r.extra and len(r.extra["initial_norms"]) == 1
+    assert max_param_change(r.model, clean.model) > 0
+    # on the backdoored model the detector flags 0, but the given targets are used
+    r = make_defense("tac", targets=[5, 7], **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert r.detection is None and r.extra["targets"] == [5, 7]
+    # named classes are unlearned to the end (no early stop): their norms are traced every epoch
+    assert r.extra["active_trace"] == [[5, 7]] * (FAST["epochs"] + 2)  # initial, each epoch, final
+    with pytest.raises(SpecError, match=re.escape("targets [10] are not classes of a 10-class model")):
+        make_defense("tac", targets=[10]).run(backdoored.model, backdoored.reserve, device="cpu")
+
+
+def test_prune_zeroes_the_head_columns_of_the_largest_tac_units(backdoored):
+    result = make_defense("tac", strategy="prune", **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    units = result.extra["pruned_units"]
+    latent_dim = backdoored.model.fc.in_features  # 64
+    assert len(units) == round(0.05 * latent_dim) and units == sorted(set(units))
+    assert all(isinstance(u, int) and 0 <= u < latent_dim for u in units)
+    w0, w = backdoored.model.fc.weight, result.model.fc.weight
+    assert bool((w0[:, units] != 0).all())  # they were not zero before
+    assert bool((w[:, units] == 0).all())  # and stay zero through the fine-tuning
+    kept = [u for u in range(latent_dim) if u not in units]
+    assert bool((w[:, kept] != 0).any()) and max_param_change(result.model, backdoored.model) > 0
+    assert_same_architecture(result.model, backdoored.model)
+
+    more = make_defense("tac", strategy="prune", prune_ratio=0.25, epochs=0).run(backdoored.model,
+                                                                                 backdoored.reserve, device="cpu")
+    assert len(more.extra["pruned_units"]) == 16 and set(units) <= set(more.extra["pruned_units"])
+    plain = make_defense("tac", **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert "pruned_units" not in plain.extra
+
+
+def test_prune_latent_units_picks_the_largest_magnitudes():
+    head = nn.Linear(4, 3)
+    s = torch.tensor([[0.1, -5.0, 0.2, 0.0], [0.0, 0.3, 0.1, 3.0]])  # max |s| per unit: 0.1, 5, 0.2, 3
+    assert prune_latent_units(head, s, 0.5) == [1, 3]
+    assert bool((head.weight[:, [1, 3]] == 0).all()) and bool((head.weight[:, [0, 2]] != 0).all())
+    assert prune_latent_units(nn.Linear(4, 3), s, 0.01) == [1]  # at least one unit
+
+
+def test_recompute_epoch_and_fixed_both_run_and_differ(backdoored):
+    kw = dict(epochs=3, batch_size=64)
+    every = make_defense("tac", recompute="epoch", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    fixed = make_defense("tac", recompute="fixed", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert len(every.extra["norm_trace"]) == 3 + 2 and len(fixed.extra["norm_trace"]) == 2
+    for r in (every, fixed):
+        assert r.extra["targets"] == [TARGET]
+        assert r.extra["final_norms"][0] > r.extra["initial_norms"][0]
+        assert max_param_change(r.model, backdoored.model) > 0
+    assert max_param_change(every.model, fixed.model) > 0
+
+
+def test_zero_epochs_leave_the_weights_equal(backdoored):
+    result = make_defense("tac", epochs=0).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert result.extra["targets"] == [TARGET] and result.extra["history"]["epochs"] == []
+    assert_state_equal(result.model, backdoored.model)  # BatchNorm statistics included
+
+
+def test_beta_and_stop_ratio_change_the_outcome(backdoored):
+    base = make_defense("tac", **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    no_tac = make_defense("tac", beta=0.0, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    never_stop = make_defense("tac", stop_ratio=0.0, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert max_param_change(base.model, no_tac.model) > 0
+    assert max_param_change(base.model, never_stop.model) > 0
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"beta": -1.0}, "tac: parameter beta must be a number >= 0, got -1.0"),
+    ({"strategy": "x"}, "tac: parameter strategy must be one of finetune, prune, got 'x'"),
+    ({"head": ""}, "tac: parameter head must be the name of the output nn.Linear, got ''"),
+    ({"head": 3}, "tac: parameter head must be the name of the output nn.Linear, got 3"),
+    ({"recompute": "always"}, "tac: parameter recompute must be one of epoch, fixed, got 'always'"),
+    ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
+    ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),
+    ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),
+    ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),
+    ({"targets": [-1]}, "tac: parameter targets must be a list of class indices"),
+    ({"detect_only": "yes"}, "tac: parameter detect_only must be true or false"),
+    ({"nonsense": 1}, "unknown parameter(s) nonsense for defense 'tac': allowed are"),
+])
+def test_invalid_params_raise_spec_error_naming_the_parameter(bad, message):
+    with pytest.raises(SpecError, match=re.escape(message)):
+        make_defense("tac", **bad)
+
+
+# ----------------------------------------------------------------------------- head
+@pytest.fixture(scope="module")
+def aux():
+    """An (untrained) user model whose head must be named: an auxiliary Linear runs after ``classifier_out``.
+
+    It takes RGB images of any size and has 5 classes; the reserve is random 32×32 images, 8 per class.
+    """
+    torch.manual_seed(0)
+    model = load_model(f"{FIXTURE}:build_aux")
+    rng = np.random.default_rng(0)
+    n = 40
+    reserve = Images(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), np.arange(n) % 5,
+                     [str(k) for k in range(5)])
+    return model, reserve
+
+
+def test_tac_detect_takes_the_head_name(aux):
+    model, reserve = aux
+    with pytest.raises(ModelError, match="pass --head NAME"):
+        detect(model, reserve, device="cpu", log_norms=False)
+    report = detect(model, reserve, device="cpu", head="classifier_out", log_norms=False)
+    assert len(report.norms) == len(report.scores) == 5 and all(np.isfinite(report.norms))
+    # the untrained model sends every random image to one class, whose ‖s_k‖ is 0: on the log scale (the
+    # default) that class is the extreme outlier, flagged rather than refused
+    zero = [k for k, v in enumerate(report.norms) if v == 0]
+    assert len(zero) == 1
+    logged = detect(model, reserve, device="cpu", head="classifier_out")
+    assert logged.norms == report.norms and logged.target_classes == zero
+    assert all(np.isfinite(logged.scores)) and logged.scores[zero[0]] > 10 * max(logged.scores[k] for k in range(5) if k != zero[0])
+    with pytest.raises(ModelError, match="not the output layer"):
+        detect(model, reserve, device="cpu", head="embed", log_norms=False)
+
+
+def test_tac_defense_takes_the_head_name(aux):
+    model, reserve = aux
+    before = state_copy(model)
+    with pytest.raises(ModelError, match="pass --head NAME"):
+        make_defense("tac", detect_only=True, log_norms=False).run(model, reserve, device="cpu")
+    defense = make_defense("tac", head="classifier_out", detect_only=True, log_norms=False)
+    result = defense.run(model, reserve, device="cpu")
+    assert result.params["head"] == "classifier_out" and result.extra == {"removal": "detect_only"}
+    expected = detect(model, reserve, device="cpu", head="classifier_out", log_norms=False).norms
+    assert result.detection.norms == expected
+    assert defense.detect(model, reserve, device="cpu").norms == expected
+    # removal splits the model at the named head as well
+    removed = make_defense("tac", head="classifier_out", targets=[1], epochs=1, batch_size=20, log_norms=False).run(
+        model, reserve, device="cpu")
+    assert removed.extra["targets"] == [1]
+    assert max_param_change(removed.model, model) > 0
+    assert_state_equal(model, before)
+
+
+def test_fire_repair_takes_the_head_name(aux):
+    model, reserve = aux
+    with pytest.raises(ModelError, match="pass --head NAME"):
+        fire.repair(model, reserve, target=1, device="cpu")
+    wrapper = fire.repair(model, reserve, target=1, head="classifier_out", device="cpu")
+    x, _ = reserve.tensors()
+    with torch.no_grad():
+        assert wrapper(x[:4]).shape == (4, 5)
+    result = make_defense("fire", target=1, head="classifier_out").run(model, reserve, device="cpu")
+    assert result.params["head"] == "classifier_out" and isinstance(result.model, fire.RepairedModel)
+    with pytest.raises(SpecError, match="head"):
+        make_defense("fire", head="")
+
+
+def test_defend_command_passes_head_to_the_defenses_that_take_it():
+    params = {"epochs": 2}
+    assert _with_head("tac", params, "classifier_out") == {"epochs": 2, "head": "classifier_out"}
+    assert params == {"epochs": 2}  # not modified in place
+    assert _with_head("fire", {}, "classifier_out") == {"head": "classifier_out"}
+    assert _with_head("ft", {"epochs": 1}, "classifier_out") == {"epochs": 1}  # FT has no head parameter
+    assert _with_head("tac", {"epochs": 2}, None) == {"epochs": 2}
+    assert _with_head("tac", {"head": "mine"}, "classifier_out") == {"head": "mine"}  # --param head=... wins
+    assert _with_head("no_such_defense", {"a": 1}, "x") == {"a": 1}
+    assert make_defense("tac", **_with_head("tac", {}, "classifier_out")).params.head == "classifier_out"
+    # every registered defense accepts what it is given
+    took = set()
+    for name in DEFENSES:
+        defense = make_defense(name, **_with_head(name, {}, "classifier_out"))
+        if getattr(defense.params, "head", None) == "classifier_out":
+            took.add(name)
+    assert {"tac", "fire", "fst"} <= took
