@@ -141,7 +141,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
     root = Path(args.root) if args.root else zoo.default_zoo_root()
     if args.action == "table":
-        print(zoo.write_table(root).read_text())
+        print(zoo.write_table(root, args.out).read_text())
         return 0
     config = zoo.ZooConfig(model=args.model, width=args.width, epochs=args.epochs, lr=args.lr,
                            batch_size=args.batch_size, rate=args.rate, seed=args.seed)
@@ -338,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default="cifar10,gtsrb")
     p.add_argument("--attacks", default="badnets,blend,wanet,sig")
     p.add_argument("--root", default=None, help="zoo directory (default: the latentguard cache)")
+    p.add_argument("--out", default=None, help="table: write zoo.md/zoo.json here instead of the zoo directory")
     p.add_argument("--data-root", default="../shared/datasets",
                    help="folder holding the CIFAR-10 / GTSRB archives or unpacked folders")
     p.add_argument("--model", default="preact_resnet18")
