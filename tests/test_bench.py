@@ -59,3 +59,33 @@ def test_grid_resumes_without_double_counting(tiny_zoo, tmp_path):
     table = (out / "results.md").read_text()
     assert "## digits" in table and "| tac |" in table and "mean DER" in table
     assert (out / "results.csv").read_text().count("\n") == 3
+
+
+def test_undefended_evaluation_is_computed_once_per_model(tiny_zoo, tmp_path, monkeypatch):
+    root, _ = tiny_zoo
+    out = tmp_path / "bench"
+    import latentguard.evaluation as evaluation
+
+    calls = []
+    real = evaluation.evaluate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", counting)
+    rows = bench.run_grid(root, out, {"digits": "digits"}, ["badnets"], ["tac", "shrinkpad"],
+                          params={"tac": {"epochs": 1}}, device="cpu", log=lambda _m: None)
+    # one undefended evaluation for the model, one after each defense
+    assert len(calls) == 3 and len(rows) == 2
+    assert rows[0]["acc_before"] == rows[1]["acc_before"] and rows[0]["asr_before"] == rows[1]["asr_before"]
+    saved = json.loads((out / "undefended" / "digits-badnets.json").read_text())
+    assert saved["evaluation"]["acc"] == rows[0]["acc_before"] and len(saved["weights_sha256"]) == 64
+    # a stale cache (other weights) is not trusted
+    saved["weights_sha256"] = "0" * 64
+    saved["evaluation"]["acc"] = 2.0
+    (out / "undefended" / "digits-badnets.json").write_text(json.dumps(saved))
+    (out / "results.jsonl").unlink()
+    again = bench.run_grid(root, out, {"digits": "digits"}, ["badnets"], ["shrinkpad"], device="cpu",
+                           log=lambda _m: None)
+    assert again[0]["acc_before"] == rows[0]["acc_before"]

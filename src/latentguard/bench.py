@@ -44,8 +44,9 @@ def finished_keys(out: Path) -> set[str]:
 
 
 def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: str, params: dict[str, Any],
-             device: str = "auto", seed: int = 0) -> dict[str, Any]:
-    """Defend one zoo model with one defense and measure it."""
+             device: str = "auto", seed: int = 0, cache: str | None = None) -> dict[str, Any]:
+    """Defend one zoo model with one defense and measure it (``cache``: a folder keeping the undefended
+    model's evaluation, shared by every defense of the cell)."""
     import torch
 
     from latentguard import metrics
@@ -64,7 +65,8 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
     reserve = splits.train.subset(reserve_idx)
     atk = load_attack(cell / "attack.json") if (cell / "attack.json").exists() else None
     backdoor_set = atk.get_backdoor_test_set(splits.test) if atk else None
-    before = evaluate(model, splits.test, backdoor_set=backdoor_set, device=device)
+    before = _undefended(cell, model, splits.test, backdoor_set, device,
+                         None if cache is None else Path(cache) / f"{dataset}-{attack}.json")
     result = make_defense(defense, **params).run(model, reserve, device=device, seed=seed)
     after = evaluate(result.model, splits.test, backdoor_set=backdoor_set, device=device)
     rec: dict[str, Any] = {
@@ -99,6 +101,30 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
     return rec
 
 
+def _undefended(cell: Path, model, test, backdoor_set, device: str, path: Path | None):
+    """The undefended model's evaluation, computed once per zoo model and kept at ``path`` (keyed by the
+    weights' hash, so a rebuilt cell is re-evaluated)."""
+    from latentguard.evaluation import Evaluation, evaluate
+    from latentguard.io import sha256_file
+
+    weights = next((cell / n for n in ("model.safetensors", "model.pt") if (cell / n).exists()), None)
+    key = sha256_file(weights) if weights is not None and path is not None else None
+    if key is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("weights_sha256") == key:
+                return Evaluation(**saved["evaluation"])
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # recomputed below
+    ev = evaluate(model, test, backdoor_set=backdoor_set, device=device)
+    if key is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"weights_sha256": key, "evaluation": ev.to_dict()}))
+        os.replace(tmp, path)
+    return ev
+
+
 def _scores(fn, x, batch: int = 512) -> np.ndarray:
     return np.concatenate([np.asarray(fn(x[i:i + batch]).detach().cpu(), dtype=np.float64)
                            for i in range(0, len(x), batch)])
@@ -122,7 +148,7 @@ def run_grid(zoo_root: str | Path, out: str | Path, datasets: dict[str, str], at
             for defense in defenses:
                 if cell_key(dataset, attack, defense) not in done:
                     jobs.append((str(zoo_root), dataset, spec, attack, defense, (params or {}).get(defense, {}),
-                                 device, seed))
+                                 device, seed, str(out / "undefended")))
     log(f"{len(jobs)} cells to run ({len(done)} already finished)")
     results = []
     if workers <= 1:
