@@ -12,6 +12,7 @@ from torch import nn
 
 from latentguard.attacks import make_attack
 from latentguard.data import Images, clean_reserve, load_data
+from latentguard.defenses import fire
 from latentguard.defenses.base import make_defense
 from latentguard.defenses.fire import RepairedModel, load_repair, repair, save_repair
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
@@ -297,6 +298,47 @@ def test_fire_defense_runs_on_the_clean_reserve(tiny):
         make_defense("fire", source="paired")
     with pytest.raises(SpecError, match="alpha"):
         make_defense("fire", alpha=-1.0)
+
+
+@pytest.mark.parametrize("source", ["qp", "centroid"])
+@pytest.mark.parametrize("rule", ["gated", "constant"])
+def test_fast_choice_on_head_latents_matches_full_passes(tiny, monkeypatch, rule, source):
+    model, clean, x = tiny
+    captured = []
+    capture = fire._head_inputs
+    monkeypatch.setattr(fire, "_head_inputs", lambda *a: captured.append(capture(*a)) or captured[-1])
+    built = {}
+    for fast in (True, False):
+        monkeypatch.setattr(fire, "_FAST_CHOICE", fast)
+        built[fast] = repair(model, clean, target=[1, 2], rule=rule, source=source, batch_size=16, device="cpu")
+    assert captured and all(c is not None for c in captured)  # the fast run really used cached latents
+    fast, full = built[True], built[False]
+    assert fast.alphas == full.alphas and fast.quantile == full.quantile
+    assert fast.info["synthetic_flipped"] == full.info["synthetic_flipped"] > 0
+    assert len(fast.info["candidates"]) == len(full.info["candidates"]) > 1
+    for a, b in zip(fast.info["candidates"], full.info["candidates"], strict=True):
+        assert a.keys() == b.keys()
+        assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)
+    with torch.no_grad():
+        assert torch.equal(fast(x).argmax(1), full(x).argmax(1))
+        assert torch.equal(fast(x), full(x))
+
+
+def test_fast_choice_falls_back_when_the_output_is_not_the_heads(tiny):
+    model, clean, _ = tiny
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) * 1.0
+
+    wrapper = repair(Scaled(), clean, target=1, alpha=1.0, quantile=0.9, device="cpu")
+    assert fire._head_inputs(wrapper, clean.tensors()[0], 32, torch.device("cpu")) is None
+    assert fire._head_inputs(repair(model, clean, target=1, alpha=1.0, quantile=0.9, device="cpu"),
+                             clean.tensors()[0], 32, torch.device("cpu")) is not None
 
 
 # ----------------------------------------------------------------------------- digits, end to end

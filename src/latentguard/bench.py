@@ -75,6 +75,7 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         "acc": after.acc, "asr": after.asr, "ra": after.ra, "seconds": result.seconds, "params": result.params,
         "reserve_size": len(reserve),
     }
+    rec["extra"] = _small(result.extra)
     if atk is not None:
         rec["der"] = metrics.defense_effectiveness_rating(before.acc, before.asr, after.acc, after.asr)
     if result.detection is not None:
@@ -123,6 +124,19 @@ def _undefended(cell: Path, model, test, backdoor_set, device: str, path: Path |
         tmp.write_text(json.dumps({"weights_sha256": key, "evaluation": ev.to_dict()}))
         os.replace(tmp, path)
     return ev
+
+
+def _small(extra: dict[str, Any], limit: int = 400) -> dict[str, Any]:
+    """The JSON-sized part of a defense's ``extra`` (numbers, strings, short lists): what it chose and traced."""
+    out = {}
+    for key, value in extra.items():
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        if len(text) <= limit * 8 and key != "history":
+            out[key] = value
+    return out
 
 
 def _scores(fn, x, batch: int = 512) -> np.ndarray:

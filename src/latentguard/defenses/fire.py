@@ -489,13 +489,27 @@ class RepairedModel(nn.Module):
             raise SpecError("the gated repair has no clean statistics yet: call wrapper.calibrate(clean) first")
         if self.rule == "gated" and not self._single_head_site:
             return self._gated_passes(x, *args, **kwargs)
-        if self._hook_fns is None:  # one pass with hooks, built once per setting
+        with _hooks(self._repair_hooks()):
+            return self.model(x, *args, **kwargs)
+
+    def _repair_hooks(self) -> list[tuple[_Site, Callable]]:
+        """The hooks of a one-pass repair (constant rule, or gated at the penultimate site), built once per setting."""
+        if self._hook_fns is None:
             if self.rule == "constant":
                 self._hook_fns = [(s, self._constant_hook(i, s)) for i, s in enumerate(self._sites)]
             else:
                 self._hook_fns = [(self._sites[0], self._gated_head_hook())]
-        with _hooks(self._hook_fns):
-            return self.model(x, *args, **kwargs)
+        return self._hook_fns
+
+    def _head_forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``forward`` from the head's input ``z`` on (single penultimate site): the head with the repair's hook."""
+        head = self._sites[0].module
+        if not self.active:
+            return head(z)
+        if self.rule == "gated" and not self._calibrated:
+            raise SpecError("the gated repair has no clean statistics yet: call wrapper.calibrate(clean) first")
+        with _hooks(self._repair_hooks()):
+            return head(z)
 
     def _constant_hook(self, i: int, site: _Site) -> Callable:
         shift = self._buf("shift", i)
@@ -890,21 +904,74 @@ def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, dev: torch.devi
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
+#: Evaluate the choice's candidates from cached head inputs when the only site is the penultimate one (the
+#: same predictions as full passes); False forces full passes.
+_FAST_CHOICE = True
+
+
+@torch.no_grad()
+def _head_inputs(wrapper: RepairedModel, x: torch.Tensor, batch_size: int,
+                 dev: torch.device) -> list[torch.Tensor] | None:
+    """The head's input of each batch of an unrepaired full pass over ``x``, or None when the model's output is
+    not the head's own output of its only call (then only full passes give the wrapper's predictions)."""
+    site = wrapper._sites[0]
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    taps = [(site, lambda _m, args: ins.append(args[0])),
+            (_Site(site.name, site.module, "output"), lambda _m, _a, out: outs.append(out))]
+    batches = []
+    with _eval(wrapper.model), _hooks(taps):
+        for s in range(0, x.shape[0], batch_size):
+            ins.clear()
+            outs.clear()
+            logits = wrapper.model(x[s : s + batch_size].to(dev))
+            if len(ins) != 1 or len(outs) != 1 or logits is not outs[0]:
+                return None
+            batches.append(ins[0])
+    return batches
+
+
+class _Inputs:
+    """Images a candidate repair is scored on: full passes of the network, or — single penultimate site —
+    the head alone on the latents a full pass gives it, captured once (pre-hooks fire on direct calls)."""
+
+    def __init__(self, wrapper: RepairedModel, x: torch.Tensor, batch_size: int, dev: torch.device) -> None:
+        self.wrapper, self.x, self.batch_size, self.dev = wrapper, x, batch_size, dev
+        fast = _FAST_CHOICE and wrapper._single_head_site
+        self.latents = _head_inputs(wrapper, x, batch_size, dev) if fast else None
+
+    def subset(self, keep: torch.Tensor) -> _Inputs:
+        """The images selected by the mask ``keep`` (their latents recaptured batch by batch, as a full pass)."""
+        if bool(keep.all()):
+            return self
+        return _Inputs(self.wrapper, self.x[keep], self.batch_size, self.dev)
+
+    @torch.no_grad()
+    def predict(self, hooks: Sequence[tuple[_Site, Callable]] = (), *, repaired: bool = True) -> torch.Tensor:
+        """Predictions of the wrapper (``repaired``) or the undefended model, with ``hooks`` registered first."""
+        w = self.wrapper
+        if self.latents is None:
+            return _predict(w if repaired else w.model, self.x, self.batch_size, self.dev, hooks)
+        head = w._sites[0].module
+        call = w._head_forward if repaired else head
+        with _eval(w), _hooks(hooks):
+            out = [call(z).argmax(dim=1).cpu() for z in self.latents]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
 class _Restoration:
     """Clean-only proxy of how well a repair undoes a backdoor: add each direction to the holdout's
     activations (a synthetic trigger), keep the inputs this flips, count how many the repair restores."""
 
-    def __init__(self, wrapper: RepairedModel, x: torch.Tensor, base: torch.Tensor, batch_size: int,
-                 dev: torch.device) -> None:
-        self.wrapper, self.batch_size, self.dev, self.base = wrapper, batch_size, dev, base
-        self.cases = []
+    def __init__(self, wrapper: RepairedModel, held: _Inputs, base: torch.Tensor) -> None:
+        self.cases: list[tuple[tuple[_Site, Callable], _Inputs, torch.Tensor]] = []
         for i, site in enumerate(wrapper._sites):
             for k, scale in itertools.product(range(wrapper._buf("beta", i).shape[0]), SYNTHETIC_SCALES):
                 vec = scale * wrapper._buf("beta", i)[k].reshape(-1).clone()
                 hook = (site, _on(site, lambda t, v=vec, s=site: (_flat(t, s, v.numel()) + v.to(t.dtype)).reshape(t.shape)))
-                flipped = _predict(wrapper.model, x, batch_size, dev, [hook]) != base
+                flipped = held.predict([hook], repaired=False) != base
                 if bool(flipped.any()):
-                    self.cases.append((hook, x[flipped], base[flipped]))
+                    self.cases.append((hook, held.subset(flipped), base[flipped]))
 
     @property
     def flipped(self) -> int:
@@ -912,8 +979,7 @@ class _Restoration:
 
     def count(self) -> int:
         """How many of the flipped inputs the wrapper's current repair brings back to their clean prediction."""
-        return sum(int((_predict(self.wrapper, xs, self.batch_size, self.dev, [hook]) == ys).sum())
-                   for hook, xs, ys in self.cases)
+        return sum(int((xs.predict([hook]) == ys).sum()) for hook, xs, ys in self.cases)
 
 
 def _stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -936,7 +1002,8 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
     For each fold the statistics are fitted on the other folds and every candidate is scored on the fold:
     correct predictions, and synthetic backdoor inputs restored (see :class:`_Restoration`). Summed over the
     folds, a candidate is feasible when its accuracy is within ``tolerance`` of the undefended model's; the
-    feasible candidate restoring most wins, ties to the smaller α and then the higher quantile.
+    feasible candidate restoring most wins, ties to the smaller α and then the higher quantile. With the
+    penultimate site alone the candidates run only the head, on latents captured once per fold (:class:`_Inputs`).
     """
     rule, source = wrapper.rule, wrapper.source
     grid_q = [wrapper.quantile] if rule == "constant" or quantile is not None else list(QUANTILES)
@@ -956,13 +1023,14 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
         if not bool(test.any()) or bool(test.all()):
             continue
         wrapper.calibrate(x[~test], batch_size=batch_size, seed=seed)
-        restoration = _Restoration(wrapper, x[test], base[test], batch_size, dev)
+        held = _Inputs(wrapper, x[test], batch_size, dev)
+        restoration = _Restoration(wrapper, held, base[test])
         flipped += restoration.flipped
         for iq, q in enumerate(grid_q):
             wrapper.set_quantile(q)
             for ia, a in enumerate(grid_a):
                 wrapper.set_alpha(a)
-                correct[iq, ia] += int((_predict(wrapper, x[test], batch_size, dev) == y[test]).sum())
+                correct[iq, ia] += int((held.predict() == y[test]).sum())
                 restored[iq, ia] += restoration.count()
     tried, best = [], None
     for iq, q in enumerate(grid_q):
