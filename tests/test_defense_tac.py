@@ -57,13 +57,13 @@ def clean():
 def test_detect_flags_the_badnets_target_and_no_other_class(backdoored):
     before = state_copy(backdoored.model)
     report = detect(backdoored.model, backdoored.reserve, device="cpu")
-    assert report.method == "tac" and report.threshold == tac.DEFAULT_THRESHOLD == 3.0
+    assert report.method == "tac" and report.threshold == tac.DEFAULT_THRESHOLD == 4.0
     assert report.target_classes == [TARGET] and report.backdoored
     assert len(report.norms) == len(report.scores) == 10
     assert all(np.isfinite(report.norms)) and min(report.norms) > 0
     assert int(np.argmin(report.norms)) == TARGET
     others = [s for k, s in enumerate(report.scores) if k != TARGET]
-    assert report.scores[TARGET] > 2 * report.threshold > report.threshold > max(others)  # measured 6.5 vs 1.4
+    assert report.scores[TARGET] > 1.5 * report.threshold > report.threshold > 2 * max(others)  # measured 6.5 vs 1.4
     assert report.extra["kkt_residual_max"] < 1e-6 and report.seconds > 0
     assert_state_equal(backdoored.model, before)
     # the class method is the same detector

@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("detect", help="TAC detection of the poisoned class(es) from clean data")
     _add_model(p)
     _add_clean(p)
-    p.add_argument("--threshold", type=_finite, default=3.0, help="anomaly-index threshold α (default 3)")
+    p.add_argument("--threshold", type=_finite, default=None,
+                   help="anomaly-index threshold α (default: TAC's, 4)")
     p.add_argument("--quantile", type=_fraction, default=1.0, help="fraction of clean samples that must flip")
     _add_out(p)
     _add_runtime(p)
