@@ -33,7 +33,7 @@ def test_runs_on_the_reserve_only_keeps_architecture_input_and_head_norm(backdoo
     assert result.params == dataclasses.asdict(FSTParams(epochs=2))
     assert result.params["alpha"] == 0.2 and result.params["lr"] == 0.01
     assert result.extra["head"] == "fc"
-    norm = float(result.model.fc.weight.norm())
+    norm = float(result.model.fc.weight.detach().norm())
     assert norm == pytest.approx(float(backdoored.model.fc.weight.norm()), rel=1e-5)
 
 
