@@ -34,7 +34,7 @@ def test_runs_on_the_reserve_only_keeps_architecture_input_and_head_norm(backdoo
     assert result.params["alpha"] == 0.2 and result.params["lr"] == 0.01
     assert result.extra["head"] == "fc"
     norm = float(result.model.fc.weight.detach().norm())
-    assert norm == pytest.approx(float(backdoored.model.fc.weight.norm()), rel=1e-5)
+    assert norm == pytest.approx(float(backdoored.model.fc.weight.detach().norm()), rel=1e-5)
 
 
 def test_lowers_asr_and_shifts_the_head(backdoored):
