@@ -32,6 +32,7 @@ import torch
 
 from latentguard import metrics
 from latentguard.attacks import load_attack
+from latentguard.bench import finished_keys, input_scores, load_results
 from latentguard.data import load_data
 from latentguard.defenses import make_defense
 from latentguard.defenses.fire import repair
@@ -47,28 +48,11 @@ def variants() -> list[str]:
     return ["qp", "centroid"] + [f"{kind}-{n}" for kind in ("paired", "unpaired") for n in SIZES] + ["strip"]
 
 
-def done_keys(path: Path) -> set[str]:
-    if not path.is_file():
-        return set()
-    keys = set()
-    for line in path.read_text().splitlines():
-        try:
-            keys.add(json.loads(line)["key"])
-        except (json.JSONDecodeError, KeyError):
-            continue
-    return keys
-
-
 def append(path: Path, rec: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(rec, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-
-
-def scores(fn, x: torch.Tensor, batch: int = 250) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([fn(x[i:i + batch]).detach().cpu().double().numpy() for i in range(0, len(x), batch)])
 
 
 def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], args) -> list[dict]:
@@ -118,7 +102,8 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
                            before.acc, before.asr, after.acc, after.asr))
             score = wrapper.score if wrapper.active else None
         if score is not None:
-            s = scores(score, torch.cat([x_bd, x_clean]))
+            with torch.no_grad():
+                s = input_scores(score, torch.cat([x_bd, x_clean]), batch=250)
             rec["auroc"] = metrics.auroc(s, labels)
         append(args.out / "results.jsonl", rec)
         out.append(rec)
@@ -161,18 +146,16 @@ def main() -> None:
     args = ap.parse_args()
     zoo = args.zoo or default_zoo_root()
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "results.jsonl"
     for dataset in args.datasets.split(","):
         spec = data_spec_for(dataset, args.data_root)
         for attack in args.attacks.split(","):
             if not is_done(cell_dir(zoo, dataset, attack)):
                 continue
-            done = done_keys(path)
+            done = finished_keys(args.out)
             todo = [v for v in args.variants.split(",") if f"{dataset}/{attack}/{v}" not in done]
             if todo:
                 run_cell(zoo, dataset, spec, attack, todo, args)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    rows = list({r["key"]: r for r in rows}.values())
+    rows = load_results(args.out)
     head = (f"# FIRE on the zoo\n\nMachine: {os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}. "
             f"Command: `python benchmarks/fire_zoo.py --data-root DATA --tolerance {args.tolerance}`. "
             f"AUROC on {args.auroc_samples} triggered + {args.auroc_samples} clean test images (seed {args.seed}); "

@@ -17,11 +17,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from latentguard.data import load_data
-from latentguard.defenses.tac import feature_model
-from latentguard.latent.outliers import anomaly_index
-from latentguard.latent.qp import minimal_flip_perturbations
+from latentguard.defenses.tac import feature_model, latent_report
 from latentguard.models import extract_features, load_model
 from latentguard.zoo import data_spec_for, default_zoo_root
 
@@ -36,30 +35,30 @@ def main() -> None:
     args = ap.parse_args()
     zoo = args.zoo or default_zoo_root()
     rows = []
-    splits_cache = {}
+    loaded: tuple[str, object] | None = None  # (dataset, splits): cells come sorted by dataset
     for metrics in sorted(zoo.glob("*/*/metrics.json")):
         cell = metrics.parent
         dataset, name = cell.parent.name, cell.name
         rec = json.loads(metrics.read_text())
-        if dataset not in splits_cache:
-            splits_cache = {dataset: load_data(data_spec_for(dataset, args.data_root))}
-        train = splits_cache[dataset].train
+        if loaded is None or loaded[0] != dataset:
+            loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
+        train = loaded[1].train
         reserve = train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
         model = load_model(str(cell / "model.json")).eval()
-        fm = feature_model(model, reserve, device=__import__("torch").device("cpu"))
-        z, _ = extract_features(fm, reserve.tensors()[0], batch_size=256, device="cpu")
-        w, b = fm.head.weight.detach(), fm.head.bias.detach()
+        fm = feature_model(model, reserve, device=torch.device("cpu"))
+        z, _ = extract_features(fm, reserve.tensors()[0], batch_size=256, device="cpu")  # once per model
         spec = rec["parameters"].get("attack")
-        target = None if spec is None else (None if spec.get("all_to_all") else spec.get("target"))
+        target = None if spec is None or spec.get("all_to_all") else spec.get("target")
         for q in QUANTILES:
-            norms = np.asarray(minimal_flip_perturbations(z, w, b, quantile=q).norms, dtype=np.float64)
-            scores = anomaly_index(np.maximum(norms, 1e-12 * norms.max()), log=True)
-            others = np.delete(scores, [target]) if target is not None else scores
+            report = latent_report(z, fm.head, quantile=q)
+            scores = np.asarray(report.scores)
+            others = scores.copy()
+            if target is not None:
+                others[target] = -np.inf
             rows.append({"dataset": dataset, "cell": name, "quantile": q, "target": target,
                          "target_score": None if target is None else float(scores[target]),
-                         "max_other": float(others.max()), "argmax_other": int(np.argmax(np.where(
-                             np.arange(len(scores)) == (target if target is not None else -1), -np.inf, scores))),
-                         "norms": norms.tolist(), "scores": scores.tolist()})
+                         "max_other": float(others.max()), "argmax_other": int(others.argmax()),
+                         "norms": report.norms, "scores": report.scores})
             print(f"{dataset}/{name} q={q}: target {rows[-1]['target_score']} max other {rows[-1]['max_other']:.2f}",
                   flush=True)
     lines = ["# TAC detection: anomaly indices on the zoo", "",

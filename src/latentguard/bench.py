@@ -94,8 +94,8 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         i_bd = np.sort(rng.permutation(len(backdoor_set[0]))[:AUROC_SAMPLES])
         x_clean, _ = splits.test.subset(i_clean).tensors()
         with torch.no_grad():
-            s_clean = _scores(result.input_score, x_clean)
-            s_bd = _scores(result.input_score, backdoor_set[0][i_bd].float() / 255)
+            s_clean = input_scores(result.input_score, x_clean)
+            s_bd = input_scores(result.input_score, backdoor_set[0][i_bd].float() / 255)
         rec["input_auroc_samples"] = [len(i_bd), len(i_clean)]
         rec["input_auroc"] = metrics.auroc(np.concatenate([s_bd, s_clean]),
                                            np.r_[np.ones(len(s_bd)), np.zeros(len(s_clean))])
@@ -126,7 +126,7 @@ def _undefended(cell: Path, model, test, backdoor_set, device: str, path: Path |
     return ev
 
 
-def _small(extra: dict[str, Any], limit: int = 400) -> dict[str, Any]:
+def _small(extra: dict[str, Any], max_chars: int = 3200) -> dict[str, Any]:
     """The JSON-sized part of a defense's ``extra`` (numbers, strings, short lists): what it chose and traced."""
     out = {}
     for key, value in extra.items():
@@ -134,12 +134,13 @@ def _small(extra: dict[str, Any], limit: int = 400) -> dict[str, Any]:
             text = json.dumps(value)
         except (TypeError, ValueError):
             continue
-        if len(text) <= limit * 8 and key != "history":
+        if len(text) <= max_chars and key != "history":
             out[key] = value
     return out
 
 
-def _scores(fn, x, batch: int = 512) -> np.ndarray:
+def input_scores(fn, x, batch: int = 512) -> np.ndarray:
+    """A per-input score function applied batch-wise, as float64 numpy."""
     return np.concatenate([np.asarray(fn(x[i:i + batch]).detach().cpu(), dtype=np.float64)
                            for i in range(0, len(x), batch)])
 

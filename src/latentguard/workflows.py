@@ -260,12 +260,11 @@ def _defender_inputs(model: str, weights: str | None, clean: str, extra: list[st
 def detect_command(*, model: str, weights: str | None, head: str | None, width: int | None, clean: str,
                    clean_fraction: float | None, clean_indices: str | None, threshold: float | None, quantile: float,
                    out: str, overwrite: bool, device: str, seed: int) -> dict[str, Any]:
-    from latentguard.defenses.tac import DEFAULT_THRESHOLD, detect
+    from latentguard.defenses.tac import detect
     from latentguard.report import plot_detection
 
     dev = resolve_device(device)
     seed_everything(seed)
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     reserve, splits = load_clean(clean, fraction=clean_fraction, seed=seed, indices=clean_indices)
     net = open_model(model, weights, splits, width=width, head=head)
     with atomic_output_dir(out, inputs=_defender_inputs(model, weights, clean, [clean_indices]),

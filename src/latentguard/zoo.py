@@ -10,6 +10,8 @@ stopped; each cell is written atomically.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,13 +193,11 @@ def write_table(root: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out is not None else Path(root)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "zoo.md"
-    import os
-    import platform
-
+    d = ZooConfig()
     path.write_text(
-        "# Model zoo\n\nBuilt with `latentguard zoo build` (defaults: PreAct-ResNet18 width 16, 10 epochs, SGD "
-        "OneCycle lr 0.05, batch 128, 10 % poisoning, target 0, seed 0, crop/flip augmentation) on "
-        f"{os.cpu_count()} CPU cores ({platform.machine()}); minutes are wall time per cell, including the test "
+        f"# Model zoo\n\nBuilt with `latentguard zoo build` (defaults: {d.model} width {d.width}, {d.epochs} epochs, "
+        f"SGD OneCycle lr {d.lr}, batch {d.batch_size}, {100 * d.rate:g} % poisoning, target {d.target}, seed {d.seed}, "
+        f"crop/flip augmentation; each row names its model and epochs) on {os.cpu_count()} CPU cores ({platform.machine()}); minutes are wall time per cell, including the test "
         "evaluation, and grow when other jobs share the cores (the fastest epoch shows the undisturbed pace). ASR is measured on triggered test images whose "
         "label is not the target; RA on the same images against their true labels. BackdoorBench figures: CIFAR-10, "
         "PreAct-ResNet18 (width 64, 100 epochs), 10 % poisoning, no defense, as published.\n\n" + table_markdown(rows))

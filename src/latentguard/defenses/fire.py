@@ -12,8 +12,8 @@ Where the repair acts (``layer``): the penultimate latent, i.e. the input of the
 Where a direction comes from (``source``; estimators in :mod:`latentguard.latent.directions`):
 
 ``"qp"`` (clean data only, default)
-    the backdoor target ``p`` is given (``target``) or detected (``latentguard.defenses.tac.detect``; if that
-    is unavailable, the TAC QP for every class and the classes with abnormally small ``‖s_k‖`` flagged); the
+    the backdoor target ``p`` is given (``target``) or detected by TAC on the reserve's penultimate latents
+    (the QP for every class, the classes with abnormally small ``‖s_k‖`` flagged at TAC's default α); the
     direction is the TAC flip perturbation ``s_p`` at the penultimate layer and, at an intermediate layer, a
     shared offset ``δ`` optimised through the rest of the network to push clean data into ``p`` under an L2
     penalty (our extension; no poisoned sample needed);
@@ -103,6 +103,7 @@ import math
 import os
 import pickle
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,7 @@ from latentguard.defenses.base import (
     DetectionReport,
     register_defense,
 )
+from latentguard.defenses.tac import latent_report
 from latentguard.device import resolve_device
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
 from latentguard.inference import to_float_images
@@ -866,13 +868,6 @@ def _gate_shift(zf: torch.Tensor, unit: torch.Tensor, amount: torch.Tensor) -> t
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _detect_targets(model: nn.Module, clean: Images, head_name: str, dev: torch.device) -> DetectionReport:
-    """The backdoor target class(es), flagged by the TAC detector with its default threshold."""
-    from latentguard.defenses import tac
-
-    return tac.detect(model, clean, device=dev, head=head_name)
-
-
 def _augmented(x: torch.Tensor, views: int, gen: torch.Generator, hflip: bool) -> torch.Tensor:
     """``views`` random crops (zero padding of 1/8 of the size) and optional flips of every image, stacked."""
     from latentguard.train import augment_batch
@@ -1145,7 +1140,9 @@ def repair(
         pen = _resolve_sites(model, [PENULTIMATE], fm.head_name)
         acts_pen, logits_fit = _collect(model, pen, x_fit, batch_size, dev)
         if target is None:
-            detection = _detect_targets(model, clean, fm.head_name, dev)
+            t0 = time.perf_counter()  # TAC's verdict on the latents just collected (no second pass)
+            detection = latent_report(acts_pen[PENULTIMATE], head)
+            detection.seconds = time.perf_counter() - t0
             targets = [int(t) for t in detection.target_classes]
         else:
             targets = [int(target)] if isinstance(target, int | np.integer) else [int(t) for t in target]
