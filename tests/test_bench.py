@@ -89,3 +89,24 @@ def test_undefended_evaluation_is_computed_once_per_model(tiny_zoo, tmp_path, mo
     again = bench.run_grid(root, out, {"digits": "digits"}, ["badnets"], ["shrinkpad"], device="cpu",
                            log=lambda _m: None)
     assert again[0]["acc_before"] == rows[0]["acc_before"]
+
+
+def test_clean_fraction_gives_a_balanced_share_of_the_reserve(tiny_zoo, tmp_path):
+    root, config = tiny_zoo
+    out = tmp_path / "bench"
+    rows = bench.run_grid(root, out, {"digits": "digits"}, ["badnets"], ["shrinkpad"], device="cpu",
+                          clean_fraction=0.05, log=lambda _m: None)
+    full = bench.run_grid(root, tmp_path / "full", {"digits": "digits"}, ["badnets"], ["shrinkpad"], device="cpu",
+                          log=lambda _m: None)
+    assert rows[0]["clean_fraction"] == 0.05 and "clean_fraction" not in full[0]
+    assert rows[0]["reserve_size"] == pytest.approx(full[0]["reserve_size"] / 2, abs=10)  # 5 % of 10 %: half
+    from latentguard.data import load_data
+
+    train = load_data("digits").train
+    reserve_idx = json.loads((zoo.cell_dir(root, "digits", "badnets") / "reserve_indices.json").read_text())["indices"]
+    reserve = train.subset(reserve_idx)
+    share = bench.reserve_share(reserve, len(train), 0.05, seed=0)
+    counts = [int((reserve.subset(share).y == k).sum()) for k in range(10)]
+    assert max(counts) - min(counts) <= 1 and len(set(share.tolist())) == len(share)
+    with pytest.raises(bench.LatentGuardError, match="choose at most"):
+        bench.reserve_share(reserve, len(train), 0.5)

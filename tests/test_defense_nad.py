@@ -20,6 +20,7 @@ from _defense_util import (
 )
 from latentguard.defenses.base import make_defense
 from latentguard.defenses.nad import attention_map
+from latentguard.defenses.tracing import example_input, trace_model
 from latentguard.errors import ModelError, SpecError
 
 
@@ -47,7 +48,9 @@ def test_runs_with_teacher_then_student_on_the_reserve_only(backdoored, monkeypa
     result = make_defense("nad", teacher_epochs=1, epochs=1).run(model, backdoored.reserve, device="cpu")
     assert_same_architecture(model, result.model)
     assert_state_equal(model, before)
-    assert result.extra["layers"] == ["block3"] and result.params["betas"] == [5000.0]
+    assert result.extra["layers"] == ["block3"] and result.params["betas"] is None
+    h, w = trace_model(model, example_input(backdoored.reserve)).shapes["block3"][2:]
+    assert result.extra["betas"] == [pytest.approx(5000.0 * h * w / 64)]  # the authors' β for an 8×8 map, rescaled
     assert len(spy.calls) == 2  # teacher, then student
     (t_data, t_cfg), (s_data, s_cfg) = spy.calls
     assert t_cfg.epochs == 1 and s_cfg.epochs == 1

@@ -44,9 +44,11 @@ def finished_keys(out: Path) -> set[str]:
 
 
 def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: str, params: dict[str, Any],
-             device: str = "auto", seed: int = 0, cache: str | None = None) -> dict[str, Any]:
+             device: str = "auto", seed: int = 0, cache: str | None = None,
+             clean_fraction: float | None = None) -> dict[str, Any]:
     """Defend one zoo model with one defense and measure it (``cache``: a folder keeping the undefended
-    model's evaluation, shared by every defense of the cell)."""
+    model's evaluation, shared by every defense of the cell; ``clean_fraction``: give the defense a
+    class-balanced share of the cell's reserve holding this fraction of the training set, seeded)."""
     import torch
 
     from latentguard import metrics
@@ -63,6 +65,8 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
     splits = load_data(data_spec)
     reserve_idx = np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"])
     reserve = splits.train.subset(reserve_idx)
+    if clean_fraction is not None:
+        reserve = reserve.subset(reserve_share(reserve, len(splits.train), clean_fraction, seed))
     atk = load_attack(cell / "attack.json") if (cell / "attack.json").exists() else None
     backdoor_set = atk.get_backdoor_test_set(splits.test) if atk else None
     before = _undefended(cell, model, splits.test, backdoor_set, device,
@@ -75,6 +79,8 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         "acc": after.acc, "asr": after.asr, "ra": after.ra, "seconds": result.seconds, "params": result.params,
         "reserve_size": len(reserve),
     }
+    if clean_fraction is not None:
+        rec["clean_fraction"] = clean_fraction
     rec["extra"] = _small(result.extra)
     if atk is not None:
         rec["der"] = metrics.defense_effectiveness_rating(before.acc, before.asr, after.acc, after.asr)
@@ -100,6 +106,18 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         rec["input_auroc"] = metrics.auroc(np.concatenate([s_bd, s_clean]),
                                            np.r_[np.ones(len(s_bd)), np.zeros(len(s_clean))])
     return rec
+
+
+def reserve_share(reserve, train_size: int, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices into ``reserve`` of a class-balanced share holding ``fraction`` of a ``train_size`` training set."""
+    from latentguard.data import clean_reserve
+
+    share = fraction * train_size / len(reserve)
+    if not 0.0 < share <= 1.0 + 1e-9:
+        raise LatentGuardError(f"a clean fraction of {fraction:g} asks for {fraction * train_size:.0f} images but the "
+                               f"zoo cell's reserve holds {len(reserve)}: choose at most "
+                               f"{len(reserve) / train_size:.3g}")
+    return clean_reserve(reserve, min(share, 1.0), seed=seed)
 
 
 def _undefended(cell: Path, model, test, backdoor_set, device: str, path: Path | None):
@@ -147,7 +165,8 @@ def input_scores(fn, x, batch: int = 512) -> np.ndarray:
 
 def run_grid(zoo_root: str | Path, out: str | Path, datasets: dict[str, str], attacks: Iterable[str],
              defenses: Iterable[str], *, params: dict[str, dict[str, Any]] | None = None, workers: int = 1,
-             device: str = "auto", seed: int = 0, log=print) -> list[dict[str, Any]]:
+             device: str = "auto", seed: int = 0, clean_fraction: float | None = None,
+             log=print) -> list[dict[str, Any]]:
     """Run every missing cell; append each result to ``out/results.jsonl`` as soon as it finishes."""
     from latentguard.zoo import cell_dir, is_done
 
@@ -163,7 +182,7 @@ def run_grid(zoo_root: str | Path, out: str | Path, datasets: dict[str, str], at
             for defense in defenses:
                 if cell_key(dataset, attack, defense) not in done:
                     jobs.append((str(zoo_root), dataset, spec, attack, defense, (params or {}).get(defense, {}),
-                                 device, seed, str(out / "undefended")))
+                                 device, seed, str(out / "undefended"), clean_fraction))
     log(f"{len(jobs)} cells to run ({len(done)} already finished)")
     results = []
     if workers <= 1:

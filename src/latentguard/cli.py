@@ -234,7 +234,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not isinstance(params, dict):
         raise LatentGuardError("--params must be a JSON object mapping defense names to parameter objects")
     bench.run_grid(root, args.out, datasets, [a for a in args.attacks.split(",") if a], defenses, params=params,
-                   workers=args.workers, device=args.device, seed=args.seed, log=lambda m: print(m, flush=True))
+                   workers=args.workers, device=args.device, seed=args.seed, clean_fraction=args.clean_fraction,
+                   log=lambda m: print(m, flush=True))
     print(bench.write_tables(args.out).read_text())
     return 0
 
@@ -359,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="../shared/datasets")
     p.add_argument("--params", default=None, help='JSON: {"defense": {"param": value}}')
     p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--clean-fraction", type=_fraction, default=None,
+                   help="give each defense a class-balanced share of the cell's reserve holding this fraction of "
+                        "the training set (default: the whole reserve)")
     p.add_argument("--out", required=True, help="results directory (appended to, resumable)")
     _add_runtime(p)
     p.set_defaults(func=_cmd_bench)
