@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from latentguard import bench, zoo
@@ -110,3 +111,20 @@ def test_clean_fraction_gives_a_balanced_share_of_the_reserve(tiny_zoo, tmp_path
     assert max(counts) - min(counts) <= 1 and len(set(share.tolist())) == len(share)
     with pytest.raises(bench.LatentGuardError, match="choose at most"):
         bench.reserve_share(reserve, len(train), 0.5)
+
+
+def test_reserve_of_a_clean_label_attack_that_poisoned_a_whole_class():
+    from latentguard.data import load_data
+
+    train = load_data("digits").train
+    whole_class = np.flatnonzero(train.y == 0)
+    some = np.flatnonzero(train.y == 3)[:5]
+    poisoned = np.concatenate([whole_class, some])
+    reserve, originals = zoo.defender_reserve(train, 0.1, 0, poisoned, clean_label=True)
+    assert originals == [0]
+    assert (train.y[reserve] == 0).sum() > 0  # the class is served from its clean originals
+    assert not set(reserve.tolist()) & set(some.tolist())  # other poisoned images still left out
+    with pytest.raises(bench.LatentGuardError, match="no usable sample"):
+        zoo.defender_reserve(train, 0.1, 0, poisoned, clean_label=False)  # a relabelling attack: never
+    plain, none = zoo.defender_reserve(train, 0.1, 0, some, clean_label=True)
+    assert none == [] and not set(plain.tolist()) & set(some.tolist())

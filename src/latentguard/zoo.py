@@ -92,7 +92,7 @@ def build_cell(root: str | Path, dataset: str, data_spec: str, attack: str | Non
     import torch
 
     from latentguard.attacks import AttackContext, make_attack, save_attack
-    from latentguard.data import clean_reserve, load_data
+    from latentguard.data import load_data
     from latentguard.device import resolve_device
     from latentguard.evaluation import evaluate
     from latentguard.io import atomic_output_dir, result_record, write_json
@@ -129,9 +129,11 @@ def build_cell(root: str | Path, dataset: str, data_spec: str, attack: str | Non
             save_attack(atk, tmp)
         ev = evaluate(net, splits.test, atk, device=dev)
         save_model(net.cpu(), tmp, arch)
-        reserve = clean_reserve(splits.train, config.reserve_fraction, seed=config.seed, exclude=poisoned)
+        reserve, originals = defender_reserve(splits.train, config.reserve_fraction, config.seed, poisoned,
+                                              clean_label=atk is not None and atk.clean_label)
         write_json(tmp / "poisoned_indices.json", {"indices": poisoned.tolist(), "count": int(len(poisoned))})
-        write_json(tmp / "reserve_indices.json", {"indices": reserve.tolist(), "fraction": config.reserve_fraction})
+        write_json(tmp / "reserve_indices.json", {"indices": reserve.tolist(), "fraction": config.reserve_fraction,
+                                                  "clean_originals_of_classes": originals})
         minutes = (time.perf_counter() - t0) / 60
         record = result_record(
             "zoo", parameters={"dataset": dataset, "data": data_spec, "attack": atk.spec.to_json() if atk else None,
@@ -141,6 +143,27 @@ def build_cell(root: str | Path, dataset: str, data_spec: str, attack: str | Non
         )
         write_json(tmp / "metrics.json", record)
     return record
+
+
+def defender_reserve(train, fraction: float, seed: int, poisoned: np.ndarray, *,
+                     clean_label: bool = False) -> tuple[np.ndarray, list[int]]:
+    """The defender's clean reserve: a class-balanced share of the training set without any poisoned index.
+
+    A clean-label attack may poison every image of its target class (SIG at 10 % takes all of CIFAR-10's and
+    GTSRB's target images). Its images were never relabelled, so the unmodified originals of such a class are
+    correctly labelled clean images: the reserve takes them for that class rather than leave it out. Returns the
+    indices and the classes served from originals.
+    """
+    from latentguard.data import clean_reserve
+
+    poisoned = np.asarray(poisoned, dtype=np.int64)
+    exhausted: list[int] = []
+    if clean_label and poisoned.size:
+        y = np.asarray(train.y)
+        exhausted = [int(k) for k in np.unique(y[poisoned])
+                     if np.isin(np.flatnonzero(y == k), poisoned).all()]
+    keep_out = poisoned[~np.isin(np.asarray(train.y)[poisoned], exhausted)] if exhausted else poisoned
+    return clean_reserve(train, fraction, seed=seed, exclude=keep_out), exhausted
 
 
 def _load_clean(root: str | Path, dataset: str, arch: dict[str, Any]):
