@@ -157,12 +157,10 @@ def defender_reserve(train, fraction: float, seed: int, poisoned: np.ndarray, *,
     from latentguard.data import clean_reserve
 
     poisoned = np.asarray(poisoned, dtype=np.int64)
-    exhausted: list[int] = []
-    if clean_label and poisoned.size:
-        y = np.asarray(train.y)
-        exhausted = [int(k) for k in np.unique(y[poisoned])
-                     if np.isin(np.flatnonzero(y == k), poisoned).all()]
-    keep_out = poisoned[~np.isin(np.asarray(train.y)[poisoned], exhausted)] if exhausted else poisoned
+    y = np.asarray(train.y)
+    exhausted = [int(k) for k in np.unique(y[poisoned])
+                 if clean_label and np.isin(np.flatnonzero(y == k), poisoned).all()]
+    keep_out = poisoned[~np.isin(y[poisoned], exhausted)]
     return clean_reserve(train, fraction, seed=seed, exclude=keep_out), exhausted
 
 

@@ -38,8 +38,7 @@ How the shift is applied (``rule``):
     of the target class, so one threshold shared by all classes fires on them. With ``floor=True`` the shift
     stops at the clean mean ``μ_c`` of the class, ``min(α·excess, max(excess, π − μ_c))``, so that a strong
     trigger's large excess is not pushed past the class it came from into a third class. The default is
-    ``floor=False``, by measurement on the real-data zoo (``benchmarks/results/fire_nofloor`` beside
-    ``results/main``, ACC / ASR %): CIFAR-10 BadNets 80.5 / 27.6 with the floor → 80.2 / 4.6 without, WaNet
+    ``floor=False``, by measurement on the real-data zoo (``benchmarks/fire_floor.md``, ACC / ASR %): CIFAR-10 BadNets 80.5 / 27.6 with the floor → 80.2 / 4.6 without, WaNet
     78.9 / 28.5 → 79.7 / 23.2, GTSRB BadNets 97.7 / 59.0 → 97.8 / 6.8. A real trigger moves the latent along
     s_p about twice as far as the minimal flip ‖s_p‖ (``benchmarks/tac_direction.md``) and partly across it;
     stopping at the class mean leaves that orthogonal rest enough to keep the target, while the full
