@@ -1,9 +1,10 @@
 """Evidence for TAC's detection defaults on the zoo: anomaly indices of every class of every finished model.
 
-For each zoo cell the clean reserve's latents are extracted once; the per-class flip norms ‖s_k‖ are then
-solved for several ``quantile`` settings (1.0 = every clean sample must flip, the paper's formulation) and the
-MAD anomaly index of the log-norms is reported for the true target (backdoored cells) and for the most outlying
-other class. A threshold α separates the two populations when it lies above every clean model's maximum and
+For each zoo cell the clean reserve's latents are extracted once; TAC's detection statistic is then computed in
+several settings: the paper's per-class flip norm ‖s_k‖ for several ``quantile`` values (1.0 = every clean
+sample must flip, the paper's formulation) and the pairwise statistic (geometric mean over source classes of
+‖s_{a→k}‖). The MAD anomaly index of the log-statistic is reported for the true target (backdoored cells) and for
+the most outlying other class. A threshold α separates the two populations when it lies above every clean model's maximum and
 every backdoored model's non-target maximum, and below every backdoored target. Only clean reserve data and the
 known zoo targets are used: no test image.
 
@@ -20,11 +21,13 @@ import numpy as np
 import torch
 
 from latentguard.data import load_data
-from latentguard.defenses.tac import feature_model, latent_report
+from latentguard.defenses.tac import DEFAULT_THRESHOLD, feature_model, latent_report
 from latentguard.models import extract_features, load_model
 from latentguard.zoo import data_spec_for, default_zoo_root
 
-QUANTILES = (1.0, 0.99, 0.95, 0.9)
+LEARNED = 0.5  # undefended ASR from which a backdoor counts as learned
+# (statistic, quantile) settings compared; the first is TAC's default
+SETTINGS = (("both", 1.0), ("class", 1.0), ("pairwise", 1.0), ("class", 0.99), ("class", 0.95), ("class", 0.9))
 
 
 def main() -> None:
@@ -49,35 +52,54 @@ def main() -> None:
         z, _ = extract_features(fm, reserve.tensors()[0], batch_size=256, device="cpu")  # once per model
         spec = rec["parameters"].get("attack")
         target = None if spec is None or spec.get("all_to_all") else spec.get("target")
-        for q in QUANTILES:
-            report = latent_report(z, fm.head, quantile=q)
+        for statistic, q in SETTINGS:
+            report = latent_report(z, fm.head, quantile=q, labels=reserve.y, statistic=statistic)
             scores = np.asarray(report.scores)
             others = scores.copy()
             if target is not None:
                 others[target] = -np.inf
-            rows.append({"dataset": dataset, "cell": name, "quantile": q, "target": target,
+            rows.append({"dataset": dataset, "cell": name, "statistic": statistic, "quantile": q, "target": target,
+                         "asr": rec["metrics"].get("asr"),
                          "target_score": None if target is None else float(scores[target]),
                          "max_other": float(others.max()), "argmax_other": int(others.argmax()),
                          "norms": report.norms, "scores": report.scores})
-            print(f"{dataset}/{name} q={q}: target {rows[-1]['target_score']} max other {rows[-1]['max_other']:.2f}",
-                  flush=True)
+            print(f"{dataset}/{name} {statistic} q={q}: target {rows[-1]['target_score']} "
+                  f"max other {rows[-1]['max_other']:.2f}", flush=True)
     lines = ["# TAC detection: anomaly indices on the zoo", "",
-             "MAD anomaly index of log ‖s_k‖ over the classes (positive = smaller than typical), computed on each "
-             "zoo cell's clean reserve. `target` is the backdoor target's index (– for clean models), `max other` "
-             "the largest index of any other class (the false-positive risk). Produced by "
+             "MAD anomaly index of the log-statistic over the classes (positive = smaller than typical), computed on "
+             "each zoo cell's clean reserve. `class` is the paper's ‖s_k‖ with the given quantile of clean "
+             "samples required to flip, `pairwise` the geometric mean over source classes a of ‖s_{a→k}‖, `both` "
+             "(TAC's default) the larger of the two indices per class (quantile 1.0: every clean sample must "
+             "flip). "
+             "`target` is the backdoor target's index (– for clean models), `max other` the "
+             "largest index of any other class (the false-positive risk), ASR the undefended model's. Produced by "
              "`python benchmarks/tac_threshold.py`.", "",
-             "| dataset | cell | quantile | target | max other (class) |", "|---|---|---|---|---|"]
+             "| dataset | cell | ASR % | statistic | quantile | target | max other (class) |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         t = "–" if r["target_score"] is None else f"{r['target_score']:.2f}"
-        lines.append(f"| {r['dataset']} | {r['cell']} | {r['quantile']} | {t} | {r['max_other']:.2f} ({r['argmax_other']}) |")
-    summary = ["", "| quantile | lowest backdoored target | highest non-target / clean | separating α |", "|---|---|---|---|"]
-    for q in QUANTILES:
-        sub = [r for r in rows if r["quantile"] == q]
-        tgt = [r["target_score"] for r in sub if r["target_score"] is not None]
+        asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
+        lines.append(f"| {r['dataset']} | {r['cell']} | {asr} | {r['statistic']} | {r['quantile']} | {t} "
+                     f"| {r['max_other']:.2f} ({r['argmax_other']}) |")
+    summary = ["", f"Detection at α = {DEFAULT_THRESHOLD:g} (backdoors with undefended ASR ≥ {LEARNED:.0%}; an "
+               "unlearned backdoor is listed apart) and the range of α that would separate every target from every "
+               "other class and clean model:", "",
+               "| statistic | quantile | targets flagged | unlearned flagged | other classes flagged | clean models "
+               "flagged | lowest target | highest other / clean | separating α |", "|---|---|---|---|---|---|---|---|---|"]
+    for statistic, q in SETTINGS:
+        sub = [r for r in rows if (r["statistic"], r["quantile"]) == (statistic, q)]
+        learned = [r for r in sub if r["target_score"] is not None and (r["asr"] or 0) >= LEARNED]
+        weak = [r for r in sub if r["target_score"] is not None and (r["asr"] or 0) < LEARNED]
+        tgt = [r["target_score"] for r in learned]
         oth = [r["max_other"] for r in sub]
         lo, hi = (min(tgt) if tgt else float("nan")), max(oth)
         sep = f"({hi:.2f}, {lo:.2f})" if tgt and lo > hi else "none"
-        summary.append(f"| {q} | {lo:.2f} | {hi:.2f} | {sep} |")
+        hit = sum(t > DEFAULT_THRESHOLD for t in tgt)
+        weak_hit = sum(r["target_score"] > DEFAULT_THRESHOLD for r in weak)
+        other_flags = sum(sum(s > DEFAULT_THRESHOLD for k, s in enumerate(r["scores"]) if k != r["target"]) for r in sub)
+        clean_flags = sum(r["target"] is None and r["max_other"] > DEFAULT_THRESHOLD for r in sub)
+        n_clean = sum(r["target"] is None for r in sub)
+        summary.append(f"| {statistic} | {q} | {hit}/{len(tgt)} | {weak_hit}/{len(weak)} | {other_flags} "
+                       f"| {clean_flags}/{n_clean} | {lo:.2f} | {hi:.2f} | {sep} |")
     args.out.write_text("\n".join(lines + summary) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(summary))

@@ -37,6 +37,19 @@ def test_detect_flags_target_and_writes_json_and_png(attacked, tmp_path):
     assert len(det["norms"]) == 10 and len(det["scores"]) == 10
     assert det["target_classes"] == [0]
     assert (out / "detection.png").stat().st_size > 1000
+    assert det["extra"]["statistic"] == "both" and len(det["extra"]["pairwise_scores"]) == 10
+
+
+def test_detect_statistic_option(attacked, tmp_path, capsys):
+    out = tmp_path / "det"
+    assert main(["detect", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
+                 "--statistic", "pairwise", "--out", str(out), "--device", "cpu"]) == 0
+    det = json.loads((out / "detection.json").read_text())
+    assert det["extra"]["statistic"] == "pairwise" and det["norms"] != det["extra"]["class_norms"]
+    assert "mean ‖s_a→k‖" in capsys.readouterr().out
+    assert main(["detect", "--model", str(attacked), "--clean", "digits", "--statistic", "median",
+                 "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "invalid choice: 'median'" in capsys.readouterr().err
 
 
 def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):

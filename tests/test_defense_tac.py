@@ -56,7 +56,8 @@ def clean():
 # ----------------------------------------------------------------------------- detection
 def test_detect_flags_the_badnets_target_and_no_other_class(backdoored):
     before = state_copy(backdoored.model)
-    report = detect(backdoored.model, backdoored.reserve, device="cpu")
+    report = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="class")
+    assert report.extra["statistic"] == "class" and report.norms == report.extra["class_norms"]
     assert report.method == "tac" and report.threshold == tac.DEFAULT_THRESHOLD == 4.0
     assert report.target_classes == [TARGET] and report.backdoored
     assert len(report.norms) == len(report.scores) == 10
@@ -67,7 +68,22 @@ def test_detect_flags_the_badnets_target_and_no_other_class(backdoored):
     assert report.extra["kkt_residual_max"] < 1e-6 and report.seconds > 0
     assert_state_equal(backdoored.model, before)
     # the class method is the same detector
-    assert make_defense("tac").detect(backdoored.model, backdoored.reserve, device="cpu").norms == report.norms
+    assert make_defense("tac", statistic="class").detect(backdoored.model, backdoored.reserve,
+                                                         device="cpu").norms == report.norms
+
+
+def test_default_statistic_takes_the_larger_of_the_class_and_pairwise_indices(backdoored):
+    report = detect(backdoored.model, backdoored.reserve, device="cpu")
+    by_class = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="class")
+    pairwise = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="pairwise")
+    assert report.extra["statistic"] == "both" and report.extra["sources_per_class"] == [9] * 10
+    assert report.norms == by_class.norms and pairwise.norms == report.extra["pairwise_norms"]
+    np.testing.assert_allclose(report.scores, np.maximum(by_class.scores, pairwise.scores))
+    assert report.extra["class_scores"] == by_class.scores and report.extra["pairwise_scores"] == pairwise.scores
+    assert report.target_classes == [TARGET]
+    # 13 images per class make each pairwise norm a maximum over 13 samples: here the pairwise index ranks the
+    # target first but scores it 2.1, under α (the class norm: 6.5), so only ‖s_k‖ flags it
+    assert int(np.argmax(pairwise.scores)) == TARGET and not pairwise.target_classes
 
 
 def test_detect_does_not_flag_a_clean_model(clean):

@@ -65,15 +65,18 @@ def _clean_for(model: nn.Module, clean) -> Images:
 
 
 def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile: float = 1.0, log_norms: bool = True,
-           device: str | torch.device | None = "auto"):
-    """TAC detection: per-class ‖s_k‖, anomaly scores and the flagged (poisoned) classes."""
+           statistic: str = "both", device: str | torch.device | None = "auto"):
+    """TAC detection: per-class ‖s_k‖, anomaly scores and the flagged (poisoned) classes (``statistic``:
+    ``"class"`` scores ‖s_k‖ as in the paper, ``"pairwise"`` the geometric mean of ‖s_{a→k}‖ over source classes
+    a, ``"both"`` the larger of the two indices)."""
     from latentguard.defenses.tac import detect as tac_detect
 
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not math.isfinite(threshold)):
         raise SpecError(f"threshold must be a finite number, got {threshold!r}: e.g. 2.0")
     images = _clean_for(model, clean)
-    return tac_detect(model, images, threshold=threshold, log_norms=log_norms, quantile=quantile, device=device)
+    return tac_detect(model, images, threshold=threshold, log_norms=log_norms, quantile=quantile, device=device,
+                      statistic=statistic)
 
 
 def defend(name: str, model: nn.Module, clean, *, device: str | torch.device | None = "auto", seed: int = 0,

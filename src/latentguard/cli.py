@@ -186,13 +186,15 @@ def _defender_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_detect(args: argparse.Namespace) -> int:
     from latentguard import workflows
 
-    payload = workflows.detect_command(threshold=args.threshold, quantile=args.quantile, **_defender_kwargs(args))
+    payload = workflows.detect_command(threshold=args.threshold, quantile=args.quantile, statistic=args.statistic,
+                                       **_defender_kwargs(args))
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="TAC detection: " + (f"backdoor target(s) {payload['target_classes']}"
                                              if payload["backdoored"] else "no backdoor found"))
-    for col in ("class", "name", "‖s_k‖", "anomaly index", "flagged"):
+    stat = "mean ‖s_a→k‖" if payload.get("extra", {}).get("statistic") == "pairwise" else "‖s_k‖"
+    for col in ("class", "name", stat, "anomaly index", "flagged"):
         table.add_column(col, justify="right")
     for k, (n, sc) in enumerate(zip(payload["norms"], payload["scores"], strict=True)):
         table.add_row(str(k), payload["class_names"][k], f"{n:.3f}", f"{sc:.2f}",
@@ -312,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_finite, default=None,
                    help="anomaly-index threshold α (default: TAC's, 4)")
     p.add_argument("--quantile", type=_fraction, default=1.0, help="fraction of clean samples that must flip")
+    p.add_argument("--statistic", choices=("both", "class", "pairwise"), default="both",
+                   help="class: the paper's per-class flip norm; pairwise: geometric mean over source classes of "
+                        "the per-pair flip norm; both (default): flag a class when either index exceeds α")
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_detect)

@@ -259,7 +259,7 @@ def _defender_inputs(model: str, weights: str | None, clean: str, extra: list[st
 
 def detect_command(*, model: str, weights: str | None, head: str | None, width: int | None, clean: str,
                    clean_fraction: float | None, clean_indices: str | None, threshold: float | None, quantile: float,
-                   out: str, overwrite: bool, device: str, seed: int) -> dict[str, Any]:
+                   out: str, overwrite: bool, device: str, seed: int, statistic: str = "both") -> dict[str, Any]:
     from latentguard.defenses.tac import detect
     from latentguard.report import plot_detection
 
@@ -269,7 +269,8 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
     net = open_model(model, weights, splits, width=width, head=head)
     with atomic_output_dir(out, inputs=_defender_inputs(model, weights, clean, [clean_indices]),
                            overwrite=overwrite) as tmp:
-        report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head)
+        report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head,
+                        statistic=statistic)
         payload = {**report.to_json(), "class_names": reserve.class_names, "clean_size": len(reserve)}
         write_json(tmp / "detection.json", payload)
         plot_detection(payload, tmp / "detection.png", class_names=reserve.class_names)

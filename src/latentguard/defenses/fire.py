@@ -1146,7 +1146,7 @@ def repair(
         acts_pen, logits_fit = _collect(model, pen, x_fit, batch_size, dev)
         if target is None:
             t0 = time.perf_counter()  # TAC's verdict on the latents just collected (no second pass)
-            detection = latent_report(acts_pen[PENULTIMATE], head)
+            detection = latent_report(acts_pen[PENULTIMATE], head, labels=y_fit)
             detection.seconds = time.perf_counter() - t0
             targets = [int(t) for t in detection.target_classes]
         else:
