@@ -214,6 +214,29 @@ def test_recompute_epoch_and_fixed_both_run_and_differ(backdoored):
     assert max_param_change(every.model, fixed.model) > 0
 
 
+def test_source_surrogate_unlearns_each_sources_own_perturbation(backdoored):
+    kw = dict(epochs=2, batch_size=64, targets=[TARGET])
+    per_source = make_defense("tac", surrogate="source", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    shared = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert per_source.params["surrogate"] == "source" and shared.params["surrogate"] == "class"
+    assert max_param_change(per_source.model, backdoored.model) > 0
+    assert max_param_change(per_source.model, shared.model) > 0
+    # the shifts: row a of the table is s_{a→p} from the pairwise QP, zero for a = p
+    fm = tac.feature_model(backdoored.model, backdoored.reserve, torch.device("cpu"))
+    state = tac._Perturbations(fm, backdoored.reserve, [TARGET], torch.device("cpu"), 1.0, 0.0, "source")
+    y = torch.tensor([TARGET, 3, 7, 3])
+    (shift,) = state.shifts(y)
+    assert shift.shape == (4, fm.head.in_features)
+    assert torch.all(shift[0] == 0) and torch.equal(shift[1], shift[3]) and not torch.equal(shift[1], shift[2])
+    z, _ = tac.extract_features(fm, backdoored.reserve.tensors()[0], device="cpu")
+    logits = fm.head(z[backdoored.reserve.y == 3] + shift[1])
+    others = torch.cat([logits[:, :TARGET], logits[:, TARGET + 1:]], dim=1).amax(1)
+    assert bool((logits[:, TARGET] - others >= -1e-4).all())  # s_{3→p} moves every clean 3 to p (active: margin 0)
+    assert state.shifts(y)[0].shape == (4, fm.head.in_features)
+    shared_state = tac._Perturbations(fm, backdoored.reserve, [TARGET], torch.device("cpu"), 1.0)
+    assert shared_state.shifts(y)[0].shape == (fm.head.in_features,)
+
+
 def test_zero_epochs_leave_the_weights_equal(backdoored):
     result = make_defense("tac", epochs=0).run(backdoored.model, backdoored.reserve, device="cpu")
     assert result.extra["targets"] == [TARGET] and result.extra["history"]["epochs"] == []
@@ -239,6 +262,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"head": ""}, "tac: parameter head must be the name of the output nn.Linear, got ''"),
     ({"head": 3}, "tac: parameter head must be the name of the output nn.Linear, got 3"),
     ({"recompute": "always"}, "tac: parameter recompute must be one of epoch, fixed, got 'always'"),
+    ({"surrogate": "pair"}, "tac: parameter surrogate must be one of class, source, got 'pair'"),
     ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
     ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),
     ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),

@@ -60,6 +60,7 @@ RECOMPUTE = ("epoch", "fixed")
 # would flag both clean zoo models.
 DEFAULT_THRESHOLD = 4.0
 STRATEGIES = ("finetune", "prune")
+SURROGATES = ("class", "source")
 STATISTICS = ("both", "class", "pairwise")
 # the pairwise statistic solves C (C − 1) small QPs (0.3 s for GTSRB's 43 classes on 2 cores); above this many
 # classes "both" uses the paper's per-class norm alone
@@ -80,6 +81,7 @@ class TACParams:
     batch_size: int = 128
     weight_decay: float = 5e-4
     recompute: str = "fixed"  # fixed: keep the s_p of the given model (default); epoch: re-solve after every epoch
+    surrogate: str = "class"  # class: one s_p for every sample (the paper) | source: s_{a→p} for a sample of class a
     stop_ratio: float = 1.0  # drop p's unlearning term once ‖s_p‖ ≥ stop_ratio · median of the other ‖s_k‖ (0: never)
     prune_ratio: float = 0.05  # fraction of latent units pruned by strategy="prune"
     detect_only: bool = False  # return the model unchanged with the detection report
@@ -92,6 +94,7 @@ class TACParams:
         check(self.statistic in STATISTICS, "tac", "statistic", f"one of {', '.join(STATISTICS)}", self.statistic)
         check(self.strategy in STRATEGIES, "tac", "strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
         check(self.recompute in RECOMPUTE, "tac", "recompute", f"one of {', '.join(RECOMPUTE)}", self.recompute)
+        check(self.surrogate in SURROGATES, "tac", "surrogate", f"one of {', '.join(SURROGATES)}", self.surrogate)
         check(is_real(self.beta) and self.beta >= 0, "tac", "beta", "a number >= 0", self.beta)
         check(is_int(self.epochs) and self.epochs >= 0, "tac", "epochs", "an integer >= 0", self.epochs)
         check(is_int(self.batch_size) and self.batch_size >= 1, "tac", "batch_size", "an integer >= 1", self.batch_size)
@@ -229,7 +232,7 @@ class TAC(Defense):
         fm = feature_model(model, clean, device, p.head)
         # classes the user names are unlearned to the end: the early stop is for detected outliers
         stop_ratio = p.stop_ratio if p.targets is None else 0.0
-        state = _Perturbations(fm, clean, targets, device, p.quantile, stop_ratio)
+        state = _Perturbations(fm, clean, targets, device, p.quantile, stop_ratio, p.surrogate)
         extra: dict = {"targets": targets, "initial_norms": state.norms()}
         if p.strategy == "prune":
             extra["pruned_units"] = prune_latent_units(fm.head, state.tensor(), p.prune_ratio)
@@ -238,7 +241,7 @@ class TAC(Defense):
             z, logits = fm.features_and_logits(x)
             loss = F.cross_entropy(logits, y)
             if p.beta > 0:
-                for s in state.tensor():
+                for s in state.shifts(y):
                     loss = loss + p.beta * F.cross_entropy(fm.head(z + s), y)
             return loss, logits
 
@@ -271,7 +274,9 @@ class _Perturbations:
     device: torch.device
     quantile: float
     stop_ratio: float = 0.0
+    surrogate: str = "class"
     _s: torch.Tensor = field(init=False)
+    _per_source: torch.Tensor | None = field(init=False, default=None)  # (active, C, d): s_{a→p}, zero row for a = p
     _norms: np.ndarray = field(init=False)
     active: list[int] = field(init=False)
     trace: list[list[float]] = field(default_factory=list)  # ‖s_p‖ of every target at every refresh
@@ -282,7 +287,10 @@ class _Perturbations:
 
     def refresh(self) -> None:
         was_training = self.fm.training
-        sol = solve_tac(self.fm, self.clean, device=self.device, quantile=self.quantile)
+        x, _ = self.clean.tensors()
+        z, _ = extract_features(self.fm, x, batch_size=256, device=self.device)
+        head = self.fm.head
+        sol = minimal_flip_perturbations(z, head.weight.detach(), _bias(head), quantile=self.quantile)
         self.fm.train(was_training)
         self._norms = sol.norms
         self.trace.append([float(sol.norms[t]) for t in self.targets])
@@ -292,9 +300,20 @@ class _Perturbations:
                        if not (self.stop_ratio > 0 and sol.norms[t] >= self.stop_ratio * median)]
         self.active_trace.append(list(self.active))
         self._s = torch.as_tensor(sol.perturbations[self.active], dtype=torch.float32, device=self.device)
+        if self.surrogate == "source":
+            pair = pairwise_flip_perturbations(z, self.clean.y, head.weight.detach(), _bias(head),
+                                               quantile=self.quantile).perturbations  # (C, C, d): [a, k]
+            per_source = np.nan_to_num(pair[:, self.active].transpose(1, 0, 2), nan=0.0)  # unsolved pairs: 0
+            self._per_source = torch.as_tensor(per_source, dtype=torch.float32, device=self.device)
 
     def tensor(self) -> torch.Tensor:
         return self._s
+
+    def shifts(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Latent shifts for a batch labelled ``y``, one per active target: s_p for every sample, or s_{y→p}."""
+        if self._per_source is None:
+            return list(self._s)
+        return [table[y] for table in self._per_source]
 
     def norms(self) -> list[float]:
         return [float(self._norms[t]) for t in self.targets]
