@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--zoo", type=Path, default=None)
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/tac_direction.md"))
-    ap.add_argument("--cells", default=None, help="dataset/attack,... (default: every backdoored zoo cell)")
+    ap.add_argument("--cells", default=None,
+                    help="dataset/attack,... (default: every backdoored zoo cell); other cells keep their last rows")
     args = ap.parse_args()
     only = None if args.cells is None else set(args.cells.split(","))
     zoo = args.zoo or default_zoo_root()
@@ -91,6 +92,11 @@ def main() -> None:
                                 attack.spec.target)
         rows.append({"dataset": dataset, "attack": cell.name, "images": len(reserve), **stats})
         print(rows[-1], flush=True)
+    previous = args.out.with_suffix(".json")
+    if only is not None and previous.is_file():  # --cells: keep the other cells' rows of the last full run
+        done = {(r["dataset"], r["attack"]) for r in rows}
+        rows += [r for r in json.loads(previous.read_text()) if (r["dataset"], r["attack"]) not in done]
+        rows.sort(key=lambda r: (r["dataset"], r["attack"]))
     lines = ["# TAC's surrogate s_p against the real trigger change, on the zoo", "",
              __doc__.split("\n\n")[1].replace("\n", " "), "",
              "Produced by `python benchmarks/tac_direction.py --data-root DATA`; reserve images of the target class "
