@@ -69,8 +69,8 @@ def main() -> None:
              "MAD anomaly index of the log-statistic over the classes (positive = smaller than typical), computed on "
              "each zoo cell's clean reserve. `class` is the paper's ‖s_k‖ with the given quantile of clean "
              "samples required to flip, `pairwise` the geometric mean over source classes a of ‖s_{a→k}‖, `both` "
-             "(TAC's default) the larger of the two indices per class (quantile 1.0: every clean sample must "
-             "flip). "
+             "(TAC's default) the larger of the pairwise index and the class index minus 1 (quantile 1.0: every "
+             "clean sample must flip). "
              "`target` is the backdoor target's index (– for clean models), `max other` the "
              "largest index of any other class (the false-positive risk), ASR the undefended model's. Produced by "
              "`python benchmarks/tac_threshold.py`.", "",

@@ -72,18 +72,22 @@ def test_detect_flags_the_badnets_target_and_no_other_class(backdoored):
                                                          device="cpu").norms == report.norms
 
 
-def test_default_statistic_takes_the_larger_of_the_class_and_pairwise_indices(backdoored):
+def test_default_statistic_takes_the_pairwise_index_or_the_class_index_minus_a_margin(backdoored):
     report = detect(backdoored.model, backdoored.reserve, device="cpu")
     by_class = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="class")
     pairwise = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="pairwise")
     assert report.extra["statistic"] == "both" and report.extra["sources_per_class"] == [9] * 10
+    assert report.extra["class_margin"] == tac.CLASS_MARGIN == 1.0
     assert report.norms == by_class.norms and pairwise.norms == report.extra["pairwise_norms"]
-    np.testing.assert_allclose(report.scores, np.maximum(by_class.scores, pairwise.scores))
+    np.testing.assert_allclose(report.scores, np.maximum(np.asarray(by_class.scores) - 1.0, pairwise.scores))
     assert report.extra["class_scores"] == by_class.scores and report.extra["pairwise_scores"] == pairwise.scores
     assert report.target_classes == [TARGET]
-    # 13 images per class make each pairwise norm a maximum over 13 samples: here the pairwise index ranks the
-    # target first but scores it 2.1, under α (the class norm: 6.5), so only ‖s_k‖ flags it
+    # on this model the pairwise index ranks the target first but scores it 2.1, under α (the class index: 6.5),
+    # so the class index flags it, margin included
     assert int(np.argmax(pairwise.scores)) == TARGET and not pairwise.target_classes
+    # a margin larger than the class index's lead hides it
+    wide = detect(backdoored.model, backdoored.reserve, device="cpu", class_margin=10.0)
+    assert wide.target_classes == [] and wide.extra["class_margin"] == 10.0
 
 
 def test_detect_does_not_flag_a_clean_model(clean):
@@ -263,6 +267,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"head": 3}, "tac: parameter head must be the name of the output nn.Linear, got 3"),
     ({"recompute": "always"}, "tac: parameter recompute must be one of epoch, fixed, got 'always'"),
     ({"surrogate": "pair"}, "tac: parameter surrogate must be one of class, source, got 'pair'"),
+    ({"class_margin": -1}, "tac: parameter class_margin must be a number >= 0"),
     ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
     ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),
     ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),

@@ -106,7 +106,7 @@ def test_both_falls_back_to_the_class_norm_without_labels_or_with_many_classes()
     assert resolve_statistic("pairwise", 1000, True) == "pairwise"
 
 
-def test_both_flags_a_class_either_index_puts_above_alpha():
+def test_both_flags_the_pairwise_outliers_and_the_class_outliers_beyond_the_margin():
     z, y, W, b = _shortcut_problem(outlier=True)
     zt = torch.as_tensor(z, dtype=torch.float32)
     head = _head(W, b)
@@ -114,7 +114,10 @@ def test_both_flags_a_class_either_index_puts_above_alpha():
     by_class = latent_report(zt, head, labels=y, statistic="class")
     pairwise = latent_report(zt, head, labels=y, statistic="pairwise")
     assert both.extra["statistic"] == "both" and both.norms == by_class.norms
-    assert both.target_classes == sorted(set(by_class.target_classes) | set(pairwise.target_classes))
+    flagged = set(pairwise.target_classes) | {k for k, v in enumerate(by_class.scores) if v - 1.0 > both.threshold}
+    assert both.target_classes == sorted(flagged)
+    no_margin = latent_report(zt, head, labels=y, class_margin=0.0)
+    assert no_margin.target_classes == sorted(set(by_class.target_classes) | set(pairwise.target_classes))
     assert latent_report(zt, head).extra["statistic"] == "class"  # no labels: the paper's statistic alone
 
 

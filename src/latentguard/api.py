@@ -68,7 +68,7 @@ def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile:
            statistic: str = "both", device: str | torch.device | None = "auto"):
     """TAC detection: per-class ‖s_k‖, anomaly scores and the flagged (poisoned) classes (``statistic``:
     ``"class"`` scores ‖s_k‖ as in the paper, ``"pairwise"`` the geometric mean of ‖s_{a→k}‖ over source classes
-    a, ``"both"`` the larger of the two indices)."""
+    a, ``"both"`` the larger of the pairwise index and the per-class index minus 1)."""
     from latentguard.defenses.tac import detect as tac_detect
 
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))

@@ -316,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantile", type=_fraction, default=1.0, help="fraction of clean samples that must flip")
     p.add_argument("--statistic", choices=("both", "class", "pairwise"), default="both",
                    help="class: the paper's per-class flip norm; pairwise: geometric mean over source classes of "
-                        "the per-pair flip norm; both (default): flag a class when either index exceeds α")
+                        "the per-pair flip norm; both (default): the larger of the pairwise index and the "
+                        "per-class index minus 1")
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_detect)
