@@ -6,7 +6,9 @@ TAC_i = φ(x_i + trigger) − φ(x_i). Reported per cell:
 
 - ``‖s_p‖``: the QP's minimal flip norm of the target (from the clean latents only);
 - ``‖TAC‖``: the mean of ‖TAC_i‖, and the ratio ``‖TAC‖ / ‖s_p‖`` (how much further the trigger goes than needed);
-- ``cos``: cosine between s_p and the mean TAC, and the median of the per-image cosines;
+- ``cos``: cosine between s_p and the mean TAC, and the median of the per-image cosines; also the median
+  cosine between TAC_i and the pairwise perturbation s_{a→p} of the image's own class a (the QP restricted to
+  the clean images of class a), the direction ``tac`` unlearns with ``surrogate="source"``;
 - ``row space``: the mean share of ‖TAC_i‖ inside the span of the head's row differences w_p − w_j, the only
   part of a latent change the head can see;
 - ``flip``: the share of triggered reserve images the head sends to p when only the component of TAC_i along
@@ -27,14 +29,17 @@ import torch
 from latentguard.attacks import load_attack
 from latentguard.data import load_data
 from latentguard.defenses.tac import feature_model
-from latentguard.latent.qp import minimal_flip_perturbations
+from latentguard.latent.qp import minimal_flip_perturbations, pairwise_flip_perturbations
 from latentguard.models import extract_features, load_model
 from latentguard.zoo import data_spec_for, default_zoo_root
 
 
 def direction_stats(z: torch.Tensor, z_trig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                    target: int) -> dict[str, float]:
-    """Compare the QP surrogate s_p (from clean latents ``z``) with the real changes ``z_trig − z``."""
+                    target: int, labels: np.ndarray | None = None, z_all: torch.Tensor | None = None,
+                    labels_all: np.ndarray | None = None) -> dict[str, float]:
+    """Compare the QP surrogate s_p (from clean latents ``z``) with the real changes ``z_trig − z``; with the
+    images' ``labels`` and the whole reserve (``z_all``, ``labels_all``, target class included), also with each
+    image's own source-class perturbation s_{a→p} of the pairwise QP."""
     sol = minimal_flip_perturbations(z.double().numpy(), weight.double().numpy(), bias.double().numpy(),
                                      classes=[target])
     s = torch.as_tensor(sol.perturbations[0], dtype=torch.float64)  # the one class solved
@@ -46,7 +51,13 @@ def direction_stats(z: torch.Tensor, z_trig: torch.Tensor, weight: torch.Tensor,
     along = (tac @ unit)[:, None] * unit  # the part of each change along s_p
     logits = (z.double() + along) @ weight.double().T + bias.double()
     per_image_cos = (tac @ unit) / tac.norm(dim=1).clamp_min(1e-12)
-    return {"s_norm": float(s.norm()), "tac_norm": float(tac.norm(dim=1).mean()),
+    own = float("nan")
+    if labels is not None and z_all is not None and labels_all is not None:
+        pair = pairwise_flip_perturbations(z_all.double().numpy(), labels_all, weight.double().numpy(),
+                                           bias.double().numpy()).perturbations[:, target]  # row a: s_{a→p}
+        own_dir = torch.as_tensor(pair[labels], dtype=torch.float64)
+        own = float(((tac * own_dir).sum(1) / (tac.norm(dim=1) * own_dir.norm(dim=1)).clamp_min(1e-12)).median())
+    return {"s_norm": float(s.norm()), "tac_norm": float(tac.norm(dim=1).mean()), "cos_own_source_median": own,
             "ratio": float(tac.norm(dim=1).mean() / s.norm()),
             "cos_mean": float(mean @ unit / mean.norm().clamp_min(1e-12)),
             "cos_median": float(per_image_cos.median()),
@@ -79,17 +90,18 @@ def main() -> None:
         if loaded is None or loaded[0] != dataset:
             loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
         train = loaded[1].train
-        reserve = train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
-        keep = np.flatnonzero(reserve.y != attack.spec.target)  # images the trigger must move to p
-        reserve = reserve.subset(keep)
+        full = train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
+        keep = np.flatnonzero(full.y != attack.spec.target)  # images the trigger must move to p
+        reserve = full.subset(keep)
         model = load_model(str(cell / "model.json")).eval()
         fm = feature_model(model, reserve, device=torch.device("cpu"))
+        z_all, _ = extract_features(fm, full.tensors()[0], device="cpu")
         x, _ = reserve.tensors()
         x_trig = torch.from_numpy(attack.apply_images(reserve, np.arange(len(reserve)))).permute(0, 3, 1, 2)
         z, _ = extract_features(fm, x, device="cpu")
         z_trig, _ = extract_features(fm, x_trig.float() / 255, device="cpu")
         stats = direction_stats(z, z_trig, fm.head.weight.detach().cpu(), fm.head.bias.detach().cpu(),
-                                attack.spec.target)
+                                attack.spec.target, np.asarray(reserve.y), z_all, np.asarray(full.y))
         rows.append({"dataset": dataset, "attack": cell.name, "images": len(reserve), **stats})
         print(rows[-1], flush=True)
     previous = args.out.with_suffix(".json")
@@ -102,10 +114,11 @@ def main() -> None:
              "Produced by `python benchmarks/tac_direction.py --data-root DATA`; reserve images of the target class "
              "are left out (the trigger need not move them).", "",
              "| dataset | attack | images | ‖s_p‖ | ‖TAC‖ | ‖TAC‖/‖s_p‖ | cos(s_p, mean TAC) | median per-image cos | "
-             "row space | flip: TAC along s_p | flip: full TAC |", "|---" * 11 + "|"]
+             "median cos with own s_{a→p} | row space | flip: TAC along s_p | flip: full TAC |", "|---" * 12 + "|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['attack']} | {r['images']} | {r['s_norm']:.2f} | {r['tac_norm']:.2f} | "
-                     f"{r['ratio']:.2f} | {r['cos_mean']:.3f} | {r['cos_median']:.3f} | {r['row_space']:.3f} | "
+                     f"{r['ratio']:.2f} | {r['cos_mean']:.3f} | {r['cos_median']:.3f} | "
+                     f"{r.get('cos_own_source_median', float('nan')):.3f} | {r['row_space']:.3f} | "
                      f"{100 * r['flip_along']:.1f} % | {100 * r['flip_full']:.1f} % |")
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")

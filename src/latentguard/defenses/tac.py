@@ -29,6 +29,12 @@ undefended ACC / ASR 82.0 / 94.6 %): fixed s_p 79.5 / 7.9; s_p re-solved every e
 in 10 epochs) as the head learns to refuse class p altogether; pruning 5 % of the units 80.5 / 35.6; fixed
 with β = 2 78.8 / 7.5; fixed with 20 epochs 79.1 / 9.6. On digits (small_cnn, 4 reserves) fixed and re-solved
 are within noise of each other (ACC 96.0 vs 95.1 %, ASR 12.1 vs 11.2 %). Fixed is also cheaper.
+
+``surrogate="source"`` unlearns, for a clean image of class a, the pairwise s_{a→p} instead of the shared s_p.
+On the zoo (``benchmarks/tac_surrogate.md``) it lowers the patch triggers' remaining ASR (CIFAR-10 BadNets
+9.2 → 4.6 %, TrojanNN 9.5 → 6.4 %, GTSRB TrojanNN 14.3 → 5.9 %) but raises WaNet's and SIG's on CIFAR-10
+(2.0 → 3.3 %, 0.5 → 4.6 %) and costs up to 1.3 ACC points more there; the shared s_p meets the removal goal on
+5 of the 8 flagged models, the per-source one on 3, so the shared one stays the default.
 """
 
 from __future__ import annotations
