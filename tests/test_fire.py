@@ -183,6 +183,19 @@ def test_centroid_source_is_the_class_mean_offset(tiny):
     assert torch.allclose(wrapper.directions["penultimate"][0], expected, atol=1e-5)
 
 
+def test_centroid_of_a_class_the_model_never_predicts_uses_the_labels(tiny):
+    model, clean, _ = tiny
+    with torch.no_grad():
+        model.fc.bias[2] -= 1e3  # no clean image is predicted as class 2 any more
+        z = model.body(clean.tensors()[0])
+        assert not bool((model.fc(z).argmax(1) == 2).any())
+    wrapper = repair(model, clean, target=2, source="centroid", alpha=1.0, quantile=0.9, device="cpu")
+    y = torch.as_tensor(clean.y)
+    expected = z[y == 2].mean(0) - z[y != 2].mean(0)
+    assert torch.allclose(wrapper.directions["penultimate"][0], expected, atol=1e-5)
+    assert wrapper.info["centroid_from_labels"] == [2]
+
+
 def test_repair_argument_errors(tiny):
     model, clean, _ = tiny
     with pytest.raises(SpecError, match="needs suspicious samples"):

@@ -1160,11 +1160,17 @@ def repair(
         if source == "centroid" and any(s.kind == "output" for s in sites):
             acts_all = {**acts_pen, **_collect(model, [s for s in sites if s.kind == "output"], x_fit, batch_size, dev)[0]}
         predicted = logits_fit.argmax(dim=1)
+        # a clean-label backdoor can own its class: the CIFAR-10 SIG model predicts class 0 for none of the clean
+        # airplanes, so the centroid of such a class falls back to the clean images labelled p
+        unpredicted = [p for p in targets if not bool((predicted == p).any())]
+        if source == "centroid" and unpredicted:
+            info["centroid_from_labels"] = unpredicted
         for site in sites:
             if not targets:
                 betas = [torch.zeros(shapes[site.name])]
             elif source == "centroid":
-                betas = [class_mean_direction(acts_all[site.name], predicted, p) for p in targets]
+                betas = [class_mean_direction(acts_all[site.name], y_fit if p in unpredicted else predicted, p)
+                         for p in targets]
             elif site.kind == "input":
                 betas = [qp_direction(acts_pen[PENULTIMATE], head.weight.detach(), bias, p) for p in targets]
             else:
