@@ -96,9 +96,8 @@ def main() -> None:
         model = load_model(str(cell / "model.json")).eval()
         fm = feature_model(model, reserve, device=torch.device("cpu"))
         z_all, _ = extract_features(fm, full.tensors()[0], device="cpu")
-        x, _ = reserve.tensors()
+        z = z_all[torch.from_numpy(keep)]  # the non-target images' clean latents
         x_trig = torch.from_numpy(attack.apply_images(reserve, np.arange(len(reserve)))).permute(0, 3, 1, 2)
-        z, _ = extract_features(fm, x, device="cpu")
         z_trig, _ = extract_features(fm, x_trig.float() / 255, device="cpu")
         stats = direction_stats(z, z_trig, fm.head.weight.detach().cpu(), fm.head.bias.detach().cpu(),
                                 attack.spec.target, np.asarray(reserve.y), z_all, np.asarray(full.y))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from latentguard.data import load_data
-from latentguard.defenses.tac import DEFAULT_THRESHOLD, feature_model, latent_report
-from latentguard.models import extract_features, load_model
+from latentguard.defenses.tac import DEFAULT_THRESHOLD, clean_latents, feature_model, latent_report
+from latentguard.models import load_model
 from latentguard.zoo import data_spec_for, default_zoo_root
 
 LEARNED = 0.5  # undefended ASR from which a backdoor counts as learned
@@ -49,7 +49,7 @@ def main() -> None:
         reserve = train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
         model = load_model(str(cell / "model.json")).eval()
         fm = feature_model(model, reserve, device=torch.device("cpu"))
-        z, _ = extract_features(fm, reserve.tensors()[0], batch_size=256, device="cpu")  # once per model
+        z = clean_latents(fm, reserve, device="cpu")  # once per model
         spec = rec["parameters"].get("attack")
         target = None if spec is None or spec.get("all_to_all") else spec.get("target")
         for statistic, q in SETTINGS:

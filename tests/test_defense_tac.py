@@ -236,7 +236,6 @@ def test_source_surrogate_unlearns_each_sources_own_perturbation(backdoored):
     logits = fm.head(z[backdoored.reserve.y == 3] + shift[1])
     others = torch.cat([logits[:, :TARGET], logits[:, TARGET + 1:]], dim=1).amax(1)
     assert bool((logits[:, TARGET] - others >= -1e-4).all())  # s_{3→p} moves every clean 3 to p (active: margin 0)
-    assert state.shifts(y)[0].shape == (4, fm.head.in_features)
     shared_state = tac._Perturbations(fm, backdoored.reserve, [TARGET], torch.device("cpu"), 1.0)
     assert shared_state.shifts(y)[0].shape == (fm.head.in_features,)
 

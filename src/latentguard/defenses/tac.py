@@ -132,11 +132,15 @@ def feature_model(model: nn.Module, clean: Images, device: torch.device, head: s
     return split_model(model, head=head, example_input=x)
 
 
+def clean_latents(fm: FeatureModel, clean: Images, *, device: torch.device | str, batch_size: int = 256) -> torch.Tensor:
+    """The penultimate latents z = φ(x) of the clean images (one pass, no gradient)."""
+    return extract_features(fm, clean.tensors()[0], batch_size=batch_size, device=device)[0]
+
+
 def solve_tac(fm: FeatureModel, clean: Images, *, device: torch.device, quantile: float = 1.0,
               classes: list[int] | None = None, batch_size: int = 256) -> FlipSolution:
     """Extract the clean latents and solve the per-class QP for ``classes`` (all when None)."""
-    x, _ = clean.tensors()
-    z, _ = extract_features(fm, x, batch_size=batch_size, device=device)
+    z = clean_latents(fm, clean, device=device, batch_size=batch_size)
     head = fm.head
     return minimal_flip_perturbations(z, head.weight.detach(), _bias(head), classes=classes, quantile=quantile)
 
@@ -156,7 +160,7 @@ def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, l
     dev = resolve_device(device)
     t0 = time.perf_counter()
     fm = feature_model(model, clean, dev, head)
-    z, _ = extract_features(fm, clean.tensors()[0], batch_size=256, device=dev)
+    z = clean_latents(fm, clean, device=dev)
     report = latent_report(z, fm.head, threshold=threshold, log_norms=log_norms, quantile=quantile,
                            labels=clean.y, statistic=statistic, class_margin=class_margin)
     report.seconds = time.perf_counter() - t0
@@ -178,8 +182,6 @@ def resolve_statistic(statistic: str, num_classes: int, has_labels: bool) -> str
 def pairwise_statistic(z, labels, weight, bias, *, quantile: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per target k, the geometric mean over source classes a ≠ k (with clean samples) of ‖s_{a→k}‖; also the
     (C, C) pairwise norms (NaN on the diagonal and for sources without samples)."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu()
     solution = pairwise_flip_perturbations(z, labels, weight, bias, quantile=quantile)
     norms = solution.norms
     logs = np.log(np.maximum(norms, 1e-300))
@@ -303,8 +305,7 @@ class _Perturbations:
 
     def refresh(self) -> None:
         was_training = self.fm.training
-        x, _ = self.clean.tensors()
-        z, _ = extract_features(self.fm, x, batch_size=256, device=self.device)
+        z = clean_latents(self.fm, self.clean, device=self.device)
         head = self.fm.head
         sol = minimal_flip_perturbations(z, head.weight.detach(), _bias(head), quantile=self.quantile)
         self.fm.train(was_training)
