@@ -4,7 +4,10 @@ and the per-input score's AUROC beside STRIP's, on every finished zoo model.
 For each zoo cell (dataset, attack) the defender gets only the cell's clean reserve (``reserve_indices.json``);
 the variants differ in what else they get:
 
-- ``qp``: nothing else (the TAC flip perturbation of the detected class; the default);
+- ``qp``: nothing else (the default: the TAC flip perturbation ``s_p`` of the detected class, then the
+  per-source stage, which also moves each flagged input back along the TAC perturbation ``s_{a→p}`` of its
+  likely source class ``a``);
+- ``qp-shared``: the same without the per-source stage (``per_source=False``; the default before it);
 - ``centroid``: nothing else (the clean class-mean offset of the detected class);
 - ``paired-N``: triggered copies of the first N reserve images (the attack's own trigger);
 - ``unpaired-N``: N of the attacker's poisoned training images (as planted, triggered), no clean partner.
@@ -45,7 +48,7 @@ SIZES = (10, 50, 200)
 
 
 def variants() -> list[str]:
-    return ["qp", "centroid"] + [f"{kind}-{n}" for kind in ("paired", "unpaired") for n in SIZES] + ["strip"]
+    return ["qp", "qp-shared", "centroid"] + [f"{kind}-{n}" for kind in ("paired", "unpaired") for n in SIZES] + ["strip"]
 
 
 def append(path: Path, rec: dict) -> None:
@@ -84,6 +87,8 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
             rec["seconds"] = result.seconds
         else:
             kind, _, n = variant.partition("-")
+            kind = "qp" if variant == "qp-shared" else kind
+            per_source = False if variant == "qp-shared" else None
             poisoned = None
             if kind == "paired":
                 first = reserve.subset(np.arange(min(int(n), len(reserve))))
@@ -94,11 +99,11 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
                 rec["n_poisoned"] = len(chosen)
                 poisoned = torch.from_numpy(atk.apply_images(splits.train, chosen)).permute(0, 3, 1, 2)
             wrapper = repair(model, reserve, source=kind, poisoned=poisoned, tolerance=args.tolerance,
-                             device=args.device, seed=args.seed)
+                             device=args.device, seed=args.seed, per_source=per_source)
             rec["seconds"] = time.perf_counter() - t0
             after = evaluate(wrapper, splits.test, backdoor_set=bd, device=args.device)
             rec.update(acc=after.acc, asr=after.asr, ra=after.ra, targets=list(wrapper.targets),
-                       alpha=wrapper.alphas, der=metrics.defense_effectiveness_rating(
+                       alpha=wrapper.alphas, quantile=wrapper.quantile, der=metrics.defense_effectiveness_rating(
                            before.acc, before.asr, after.acc, after.asr))
             score = wrapper.score if wrapper.active else None
         if score is not None:

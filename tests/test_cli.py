@@ -90,3 +90,21 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_zoo_build_passes_attack_params_to_the_cells_it_builds(tmp_path, capsys):
+    root = tmp_path / "zoo"
+    assert main(["zoo", "build", "--datasets", "digits", "--attacks", "blend", "--attack-param", "blend.alpha=0.3",
+                 "--model", "small_cnn", "--width", "8", "--epochs", "1", "--root", str(root), "--quiet",
+                 "--device", "cpu"]) == 0
+    spec = json.loads((root / "digits" / "blend" / "attack.json").read_text())
+    assert spec["params"]["alpha"] == 0.3
+    clean = json.loads((root / "digits" / "clean" / "metrics.json").read_text())
+    assert clean["parameters"]["zoo"]["attack_params"] == {"blend": {"alpha": 0.3}}
+    capsys.readouterr()
+    for bad, message in ((["--attack-param", "alpha=0.3"], "attack.name=value"),
+                         (["--attack-param", "sig.delta=0.1"], "not in --attacks"),
+                         (["--attack-param", "blend.alfa=0.3"], "no parameter alfa"),
+                         (["--attack-param", "blend.alpha=3"], "alpha")):
+        assert main(["zoo", "build", "--datasets", "digits", "--attacks", "blend", "--root", str(root), *bad]) == 2
+        assert message in capsys.readouterr().err

@@ -238,6 +238,9 @@ def test_source_surrogate_unlearns_each_sources_own_perturbation(backdoored):
     assert bool((logits[:, TARGET] - others >= -1e-4).all())  # s_{3→p} moves every clean 3 to p (active: margin 0)
     shared_state = tac._Perturbations(fm, backdoored.reserve, [TARGET], torch.device("cpu"), 1.0)
     assert shared_state.shifts(y)[0].shape == (fm.head.in_features,)
+    # "both": the per-source term and the shared one, each weighted by β
+    own, common = tac._Perturbations(fm, backdoored.reserve, [TARGET], torch.device("cpu"), 1.0, 0.0, "both").shifts(y)
+    assert torch.equal(own, shift) and torch.equal(common, shared_state.shifts(y)[0])
 
 
 def test_zero_epochs_leave_the_weights_equal(backdoored):
@@ -265,7 +268,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"head": ""}, "tac: parameter head must be the name of the output nn.Linear, got ''"),
     ({"head": 3}, "tac: parameter head must be the name of the output nn.Linear, got 3"),
     ({"recompute": "always"}, "tac: parameter recompute must be one of epoch, fixed, got 'always'"),
-    ({"surrogate": "pair"}, "tac: parameter surrogate must be one of class, source, got 'pair'"),
+    ({"surrogate": "pair"}, "tac: parameter surrogate must be one of class, source, both, got 'pair'"),
     ({"class_margin": -1}, "tac: parameter class_margin must be a number >= 0"),
     ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
     ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),

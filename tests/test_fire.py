@@ -18,6 +18,7 @@ from latentguard.defenses.fire import RepairedModel, load_repair, repair, save_r
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
 from latentguard.evaluation import evaluate
 from latentguard.latent.directions import class_projection_stats
+from latentguard.latent.qp import pairwise_flip_perturbations
 from latentguard.metrics import auroc
 from latentguard.models import build_model
 from latentguard.train import TrainConfig, fit
@@ -99,7 +100,8 @@ def test_constant_shift_moves_latents_by_exactly_alpha_beta(tiny):
 @pytest.mark.parametrize("layer", [None, "body.4"])
 def test_gated_rule_leaves_inputs_below_threshold_bit_identical(tiny, gate, layer):
     model, clean, x = tiny
-    wrapper = repair(model, clean, target=1, layer=layer, gate=gate, alpha=2.0, quantile=0.5, device="cpu")
+    wrapper = repair(model, clean, target=1, layer=layer, gate=gate, alpha=2.0, quantile=0.5, per_source=False,
+                     device="cpu")
     name = layer or "penultimate"
     proj, cls = wrapper.projections(x)
     tau = wrapper.thresholds[name][0]
@@ -114,7 +116,8 @@ def test_gated_rule_leaves_inputs_below_threshold_bit_identical(tiny, gate, laye
 @pytest.mark.parametrize("floor", [False, True])
 def test_gated_rule_removes_alpha_times_the_excess(tiny, floor):
     model, clean, x = tiny
-    wrapper = repair(model, clean, target=0, gate="predicted", floor=floor, alpha=3.0, quantile=0.6, device="cpu")
+    wrapper = repair(model, clean, target=0, gate="predicted", floor=floor, alpha=3.0, quantile=0.6, per_source=False,
+                     device="cpu")
     z = _head_input(model, model, x)
     unit = wrapper.directions["penultimate"][0] / wrapper.directions["penultimate"][0].norm()
     pred = model.fc(z).argmax(1)
@@ -196,6 +199,55 @@ def test_centroid_of_a_class_the_model_never_predicts_uses_the_labels(tiny):
     assert wrapper.info["centroid_from_labels"] == [2]
 
 
+def test_per_source_stage_moves_flagged_inputs_along_their_source_direction(tiny):
+    model, clean, x = tiny
+    p, alpha = 1, 2.0
+    wrapper = repair(model, clean, target=p, gate="predicted", alpha=alpha, quantile=0.6, per_source=True, device="cpu")
+    shared = repair(model, clean, target=p, gate="predicted", alpha=alpha, quantile=0.6, per_source=False, device="cpu")
+    xc, yc = clean.tensors()
+    with torch.no_grad():
+        zc = model.body(xc)
+    # the directions are the pairwise QP's s_{a→p}, on the reserve's labelled latents (zero for a = p)
+    pairs = pairwise_flip_perturbations(zc.double().numpy(), yc.numpy(), model.fc.weight.detach().double().numpy(),
+                                        model.fc.bias.detach().double().numpy())
+    src = wrapper._srcbeta0[0]
+    assert torch.allclose(src[0], torch.from_numpy(pairs.perturbations[0, p]).float(), atol=1e-5)
+    assert not bool(src[p].any())
+    # thresholds: τ_flag over every clean input, τ_{a→p} over the clean inputs of (gate) class a
+    unit = shared.directions["penultimate"][0] / shared.directions["penultimate"][0].norm()
+    pred = model.fc(zc).argmax(1)
+    assert torch.allclose(wrapper._flagtau0[0], torch.quantile((zc @ unit).double(), 0.6).float(), atol=1e-5)
+    u0 = src[0] / src[0].norm()
+    assert torch.allclose(wrapper._srctau0[0, 0], torch.quantile((zc[pred == 0] @ u0).double(), 0.6).float(), atol=1e-5)
+    # the rule: after the shared shift, flagged inputs lose α·max(0, ⟨z₁, û_{a→p}⟩ − τ_{a→p}) along û_{a→p},
+    # with a the best class but p on the unrepaired latent; the others keep the shared result exactly
+    z = _head_input(model, model, x)
+    z1 = _head_input(model, shared, x)
+    flag = z @ unit > wrapper._flagtau0[0]
+    others = model.fc(z).detach().clone()
+    others[:, p] = -float("inf")
+    a = others.argmax(1)
+    units = wrapper._srcunit0[0][a]
+    excess = ((z1 * units).sum(1) - wrapper._srctau0[0][a]).clamp_min(0) * flag
+    assert 0 < int(flag.sum()) < len(x) and bool((excess > 0).any())
+    got = _head_input(model, wrapper, x)
+    assert torch.allclose(got, z1 - alpha * excess[:, None] * units, atol=1e-5)
+    assert torch.equal(got[~flag], z1[~flag])
+
+
+def test_per_source_argument_errors(tiny):
+    model, clean, _ = tiny
+    for kwargs in ({"rule": "constant"}, {"layer": "body.4"}, {"source": "centroid"}):
+        with pytest.raises(SpecError, match="per_source needs"):
+            repair(model, clean, target=1, per_source=True, device="cpu", **kwargs)
+    assert repair(model, clean, target=1, alpha=1.0, quantile=0.9, device="cpu").per_source  # on by default here
+    assert not repair(model, clean, target=1, rule="constant", alpha=1.0, device="cpu").per_source
+    with pytest.raises(SpecError, match="per_source must be"):
+        repair(model, clean, target=1, per_source="yes", device="cpu")
+    with pytest.raises(SpecError, match="per_source"):
+        make_defense("fire", per_source=True, rule="constant")
+
+
 def test_repair_argument_errors(tiny):
     model, clean, _ = tiny
     with pytest.raises(SpecError, match="needs suspicious samples"):
@@ -219,7 +271,7 @@ def _plain(value) -> bool:
     return isinstance(value, torch.Tensor | str | int | float | bool)
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"rule": "constant"}, {"layer": ["body.0", "penultimate"]}])
+@pytest.mark.parametrize("kwargs", [{}, {"rule": "constant"}, {"layer": ["body.0", "penultimate"]}, {"per_source": True}])
 def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path, kwargs):
     model, clean, x = tiny
     wrapper = repair(model, clean, target=1, alpha=1.5, quantile=0.7, device="cpu", **kwargs)
@@ -232,6 +284,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny, tmp_path, kwargs):
         assert torch.equal(loaded(x), wrapper(x))
     assert torch.equal(loaded.score(x), wrapper.score(x))
     assert loaded.alphas == wrapper.alphas and loaded.targets == [1]
+    assert loaded.per_source == wrapper.per_source == (kwargs.get("rule", "gated") == "gated" and "layer" not in kwargs)
     with pytest.raises(SpecError, match="calibrate"):
         loaded.observe(x)  # online refinement needs clean reference data again
     loaded.calibrate(clean)
@@ -380,11 +433,21 @@ def test_digits_gated_repair_lowers_asr_and_keeps_acc(digits_badnets):
     model, clean, test, _, backdoor, before = digits_badnets
     wrapper = repair(model, clean, target=0, device="cpu")  # α and quantile chosen on the clean reserve
     after = evaluate(wrapper, test, backdoor_set=backdoor, device="cpu")
+    assert wrapper.per_source  # the default at the penultimate layer
     assert after.asr < 0.5 * before.asr
     assert after.acc >= before.acc - 0.03
     assert after.ra > before.ra + 0.3  # triggered inputs get their true label back
     assert _auroc(wrapper, test, backdoor) > 0.9
     assert wrapper.info["cv_acc_after"] >= wrapper.info["cv_acc_before"] - 0.02
+
+
+def test_digits_shared_stage_alone_lowers_asr_and_keeps_acc(digits_badnets):
+    model, clean, test, _, backdoor, before = digits_badnets
+    wrapper = repair(model, clean, target=0, per_source=False, device="cpu")
+    after = evaluate(wrapper, test, backdoor_set=backdoor, device="cpu")
+    assert not wrapper.per_source and not wrapper.info["per_source"]
+    assert after.asr < 0.5 * before.asr
+    assert after.acc >= before.acc - 0.03
 
 
 def test_digits_paired_and_online_refinement(digits_badnets):

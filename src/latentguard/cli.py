@@ -69,6 +69,34 @@ def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def _parse_attack_params(items: Sequence[str] | None, attacks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``attack.name=value`` pairs → {attack: {name: value}}; the attack must be one being built."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or ():
+        head = item.split("=", 1)[0]
+        if "." not in head:
+            raise LatentGuardError(f"--attack-param {item!r} must look like attack.name=value, e.g. inputaware.mask_epochs=5")
+        attack, rest = item.split(".", 1)
+        if attack not in attacks:
+            raise LatentGuardError(f"--attack-param {item!r} names attack {attack!r}, which is not in --attacks")
+        out.setdefault(attack, {}).update(_parse_params([rest]))
+    import dataclasses
+
+    from latentguard.attacks import ATTACKS
+
+    for attack, params in out.items():  # fail now rather than after the data are loaded
+        known = {f.name for f in dataclasses.fields(ATTACKS[attack].Params)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise LatentGuardError(f"--attack-param: {attack} has no parameter {', '.join(unknown)}: "
+                                   f"choose from {', '.join(sorted(known))}")
+        try:
+            ATTACKS[attack].Params(**params)
+        except (TypeError, LatentGuardError) as exc:
+            raise LatentGuardError(f"--attack-param: {exc}") from None
+    return out
+
+
 def _positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -143,14 +171,15 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     if args.action == "table":
         print(zoo.write_table(root, args.out).read_text())
         return 0
-    config = zoo.ZooConfig(model=args.model, width=args.width, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, rate=args.rate, seed=args.seed)
     attacks = [a for a in args.attacks.split(",") if a]
     from latentguard.attacks import ATTACKS
 
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise LatentGuardError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(sorted(ATTACKS))}")
+    config = zoo.ZooConfig(model=args.model, width=args.width, epochs=args.epochs, lr=args.lr,
+                           batch_size=args.batch_size, rate=args.rate, seed=args.seed,
+                           attack_params=_parse_attack_params(args.attack_param, attacks))
     for dataset in [d for d in args.datasets.split(",") if d]:
         spec = zoo.data_spec_for(dataset, args.data_root)
         from latentguard.data import load_data
@@ -355,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--rate", type=_fraction, default=0.1)
+    p.add_argument("--attack-param", action="append", metavar="ATTACK.NAME=VALUE",
+                   help="an attack's parameter for the cells built now, e.g. inputaware.mask_epochs=5 (repeatable)")
     _add_runtime(p)
     p.set_defaults(func=_cmd_zoo)
 

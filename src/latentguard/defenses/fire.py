@@ -58,6 +58,19 @@ Which class ``c`` indexes the statistics (``gate``):
     clean images of ``k`` (low projection: the gate opens), a clean image of ``p`` keeps ``p`` (high
     threshold: untouched).
 
+The per-source stage (``per_source``, on by default for ``source="qp"`` at the penultimate layer): a real
+trigger moves an image of class ``a`` along that class's own TAC perturbation ``s_{a→p}``: on the GTSRB
+models the median per-image cosine of the real trigger change is 0.74–0.87 with ``s_{a→p}`` against 0.29–0.66
+with the shared ``s_p`` (``benchmarks/tac_direction.md``), so the shared shift leaves part of the trigger. The pairwise QP on the labelled reserve gives every
+``s_{a→p}``; an input whose projection on ``β̂`` exceeds ``τ_flag`` (the clean ``quantile`` over all clean
+inputs) is, after the shared shift, also moved back by ``α · max(0, ⟨x, û_{a→p}⟩ − τ_{a→p})`` along
+``û_{a→p}``, with ``a`` the best class but ``p`` of the unrepaired latent and ``τ_{a→p}`` the clean quantile
+over class ``a``. Cross-fitting also counts synthetic inputs ``x + s_{a→p}`` of each class ``a``. Measured on
+the zoo with everything else at its default (``benchmarks/fire_zoo/``, ``qp`` against ``qp-shared``; ACC / ASR %):
+GTSRB TrojanNN 98.0 / 96.6 → 97.7 / 10.0, GTSRB BadNets 97.8 / 6.8 → 97.5 / 1.2, GTSRB WaNet 97.3 / 92.1 →
+97.3 / 37.4, CIFAR-10 WaNet 79.7 / 23.2 → 78.8 / 10.6, CIFAR-10 TrojanNN 81.2 / 2.1 → 81.3 / 0.1, GTSRB Blend
+97.3 / 0.0 → 96.8 / 0.0, CIFAR-10 SIG 75.1 / 0.1 unchanged; worse on CIFAR-10 BadNets, 80.2 / 4.6 → 80.1 / 9.9.
+
 The defaults (but the floor) were chosen by measurement on digits: ``small_cnn`` width 16 trained 6 epochs on 10 % poisoned
 data (target 0), clean reserve of 200 training images, ``source="qp"`` at the penultimate layer, α and
 quantile chosen as below; test ACC / ASR / RA, means over 4 seeds:
@@ -128,7 +141,7 @@ from latentguard.defenses.base import (
     DetectionReport,
     register_defense,
 )
-from latentguard.defenses.tac import latent_report
+from latentguard.defenses.tac import PAIRWISE_MAX_CLASSES, latent_report
 from latentguard.device import resolve_device
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
 from latentguard.inference import to_float_images
@@ -349,6 +362,10 @@ class RepairedModel(nn.Module):
         proj_mean: Mapping[str, torch.Tensor] | None = None,
         proj_std: Mapping[str, torch.Tensor] | None = None,
         proj_ref: Mapping[str, torch.Tensor] | None = None,
+        per_source: bool = False,
+        source_directions: torch.Tensor | None = None,
+        source_thresholds: torch.Tensor | None = None,
+        flag_thresholds: torch.Tensor | None = None,
         info: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -362,6 +379,7 @@ class RepairedModel(nn.Module):
         self.rule = rule
         self.gate = gate
         self.floor = bool(floor)
+        self.per_source = bool(per_source)
         self.quantile = float(quantile)
         self.head_name = head
         self.source = source
@@ -419,6 +437,8 @@ class RepairedModel(nn.Module):
             self.register_buffer(f"_ref{i}", ref)
             for key, t in stats.items():
                 self.register_buffer(f"_{key}{i}", t)
+        if self.per_source:
+            self._init_source_stage(source_directions, source_thresholds, flag_thresholds)
         self.set_alpha(dict(alphas))
         # clean calibration cache (kept in memory only): images, activations, projections, classes
         self._calib_x: torch.Tensor | None = None
@@ -427,6 +447,32 @@ class RepairedModel(nn.Module):
         self._calib_cls: torch.Tensor | None = None
         self._calib_batch = 256
         self._online: dict[str, OnlineDirection] | None = None
+
+    def _init_source_stage(self, directions: torch.Tensor | None, thresholds: torch.Tensor | None,
+                           flags: torch.Tensor | None) -> None:
+        """Buffers of the per-source stage: ``s_{a→p}`` (K, C, d), their unit vectors, the clean thresholds
+        ``τ_{a→p}`` (K, C) along them and the flag thresholds ``τ_flag`` (K,) on the shared direction."""
+        if not self._single_head_site or self.rule != "gated":
+            raise SpecError("per_source works with the gated rule at the penultimate layer alone: drop layer= or rule=")
+        k, d = self._buf("beta", 0).shape[0], self._buf("beta", 0)[0].numel()
+        if len(self.targets) != k:
+            raise ModelError(f"per_source needs one target class per direction: {k} direction(s), targets {self.targets}")
+        if directions is None:
+            raise ModelError("per_source needs the per-source directions s_{a→p}: build the repair with repair(..., per_source=True)")
+        src = torch.as_tensor(directions).detach().float().cpu()
+        if src.shape != (k, self.num_classes, d) or not bool(torch.isfinite(src).all()):
+            raise ModelError(f"per-source directions must be finite with shape ({k}, {self.num_classes}, {d}), "
+                             f"got {tuple(src.shape)}: the repair was made for another model")
+        tau = torch.zeros(k, self.num_classes) if thresholds is None else torch.as_tensor(thresholds).float().cpu()
+        flag = torch.full((k,), math.inf) if flags is None else torch.as_tensor(flags).float().cpu().reshape(-1)
+        if tau.shape != (k, self.num_classes) or flag.shape != (k,):
+            raise ModelError(f"per-source thresholds must have shapes ({k}, {self.num_classes}) and ({k},), "
+                             f"got {tuple(tau.shape)} and {tuple(flag.shape)}")
+        norms = src.double().norm(dim=2, keepdim=True)
+        self.register_buffer("_srcbeta0", src)
+        self.register_buffer("_srcunit0", torch.where(norms > 0, src.double() / norms.clamp_min(1e-300), 0.0).float())
+        self.register_buffer("_srctau0", tau)
+        self.register_buffer("_flagtau0", flag)
 
     # ------------------------------------------------------------------ views and settings
     def _buf(self, kind: str, i: int) -> torch.Tensor:
@@ -488,7 +534,7 @@ class RepairedModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"rule={self.rule!r}, gate={self.gate!r}, layers={self.layers}, alphas={self._alpha}, "
-                f"quantile={self.quantile}, targets={self.targets}")
+                f"quantile={self.quantile}, targets={self.targets}, per_source={self.per_source}")
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -541,6 +587,10 @@ class RepairedModel(nn.Module):
                     neutral=-(unit @ wd.T), ref=self._buf("ref", 0).to(**opts), tau_t=tau_t,
                     tau_min=tau_t.min(dim=0).values, mu_t=self._buf("mu", 0).T.to(**opts).contiguous(),
                 )
+                if self.per_source:
+                    self._fused.src_unit = self._srcunit0.to(**opts).contiguous()
+                    self._fused.src_tau = self._srctau0.to(**opts)
+                    self._fused.flag_tau = self._flagtau0.to(**opts)
         return self._fused
 
     def _head_classes(self, zf: torch.Tensor, proj: torch.Tensor, cache: _HeadCache) -> torch.Tensor:
@@ -561,10 +611,7 @@ class RepairedModel(nn.Module):
         site = self._sites[0]
         dim, alpha = self._buf("unit", 0).shape[1], self._alpha[site.name]
 
-        def fn(z: torch.Tensor) -> torch.Tensor | None:
-            zf = _flat(z, site, dim)
-            cache = self._fused_head(zf)
-            proj = F.linear(zf, cache.unit)
+        def shared(zf: torch.Tensor, proj: torch.Tensor, cache: _HeadCache) -> torch.Tensor | None:
             if not bool((proj > cache.tau_min).any()):  # below every class's threshold: nothing to do
                 return None
             cls = self._head_classes(zf, proj, cache)
@@ -575,9 +622,43 @@ class RepairedModel(nn.Module):
             amount = alpha * excess
             if self.floor:
                 amount = torch.minimum(amount, torch.maximum(excess, proj - cache.mu_t[cls]))
-            return _gate_shift(zf, cache.unit, amount).reshape(z.shape)
+            return _gate_shift(zf, cache.unit, amount)
+
+        def fn(z: torch.Tensor) -> torch.Tensor | None:
+            zf = _flat(z, site, dim)
+            cache = self._fused_head(zf)
+            proj = F.linear(zf, cache.unit)
+            out = shared(zf, proj, cache)
+            if self.per_source:
+                out = self._source_stage(zf, proj, out, cache, alpha)
+            return None if out is None else out.reshape(z.shape)
 
         return _on(site, fn)
+
+    def _source_stage(self, zf: torch.Tensor, proj: torch.Tensor, shifted: torch.Tensor | None, cache: _HeadCache,
+                      alpha: float) -> torch.Tensor | None:
+        """The per-source stage: an input whose projection on ``β̂_p`` exceeds the clean ``τ_flag`` is moved
+        back along ``û_{a→p}`` (the unit TAC perturbation from its likely source class ``a``, the best class
+        but ``p`` on the unrepaired latent) by ``α · max(0, ⟨x, û_{a→p}⟩ − τ_{a→p})``, after the shared shift.
+
+        A real trigger moves each class along its own ``s_{a→p}`` more than along the shared ``s_p``
+        (``benchmarks/tac_direction.md``), so what the shared shift leaves is removed here."""
+        flag = proj > cache.flag_tau
+        if not bool(flag.any()):
+            return shifted
+        out = (zf if shifted is None else shifted).clone()
+        logits = F.linear(zf, cache.weight, cache.bias)
+        for k, p in enumerate(self.targets):
+            rows = flag[:, k].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            others = logits[rows].clone()
+            others[:, p] = -math.inf
+            src = others.argmax(dim=1)
+            unit = cache.src_unit[k][src]
+            excess = ((out[rows] * unit).sum(dim=1) - cache.src_tau[k][src]).clamp_min(0)
+            out[rows] = out[rows] - (alpha * excess)[:, None].to(out.dtype) * unit.to(out.dtype)
+        return out
 
     def _amount(self, i: int, proj: torch.Tensor, cls: torch.Tensor, excess: torch.Tensor, alpha: float) -> torch.Tensor:
         """How far to move along each unit direction: ``α · excess``, with ``floor`` never past the class mean."""
@@ -755,8 +836,22 @@ class RepairedModel(nn.Module):
             self._buf("tau", i).copy_(tau.float())
             self._buf("mu", i).copy_(mu.float())
             self._buf("sd", i).copy_(sd.float())
+        if self.per_source:
+            self._source_stats()
         self._calibrated = True
         self._changed()
+
+    def _source_stats(self) -> None:
+        """Clean thresholds of the per-source stage: ``τ_flag`` = the ``quantile`` of ``π`` over all clean inputs,
+        ``τ_{a→p}`` = the ``quantile`` of ``⟨x, û_{a→p}⟩`` over the clean inputs of (gate) class ``a``."""
+        assert self._calib_acts is not None and self._calib_proj is not None and self._calib_cls is not None
+        name = self.layers[0]
+        acts = self._calib_acts[name].double()
+        self._flagtau0.copy_(torch.quantile(self._calib_proj[name], self.quantile, dim=0).float())
+        for k in range(self._srcunit0.shape[0]):
+            proj = acts @ self._srcunit0[k].double().T  # (N, C): column a is ⟨x, û_{a→p}⟩
+            tau, _, _ = class_projection_stats(proj, self._calib_cls, self.num_classes, self.quantile)
+            self._srctau0[k].copy_(tau.diagonal().float())
 
     def _clean_classes(self) -> torch.Tensor:
         assert self._calib_x is not None and self._calib_acts is not None and self._calib_proj is not None
@@ -844,10 +939,15 @@ class RepairedModel(nn.Module):
         for i in range(len(self._sites)):
             for key, kind in _STATE_TENSORS:
                 out[f"{key}.{i}"] = self._buf(kind, i).detach().cpu().clone()
+        if self.per_source:
+            out["per_source"] = True
+            for key, kind in _SOURCE_TENSORS:
+                out[key] = self._buf(kind, 0).detach().cpu().clone()
         return out
 
 
 _STATE_TENSORS = (("beta", "beta"), ("thresholds", "tau"), ("proj_mean", "mu"), ("proj_std", "sd"), ("proj_ref", "ref"))
+_SOURCE_TENSORS = (("source_beta", "srcbeta"), ("source_thresholds", "srctau"), ("flag_thresholds", "flagtau"))
 
 
 @dataclass
@@ -861,6 +961,9 @@ class _HeadCache:
     tau_t: torch.Tensor  # (C, K) thresholds
     tau_min: torch.Tensor  # (K,) lowest threshold over classes
     mu_t: torch.Tensor  # (C, K) clean class means
+    src_unit: torch.Tensor | None = None  # (K, C, d) unit per-source directions û_{a→p} (per_source)
+    src_tau: torch.Tensor | None = None  # (K, C) their clean thresholds
+    flag_tau: torch.Tensor | None = None  # (K,) flag thresholds on β̂
 
 
 def _gate_shift(zf: torch.Tensor, unit: torch.Tensor, amount: torch.Tensor) -> torch.Tensor:
@@ -974,6 +1077,18 @@ class _Restoration:
                 flipped = held.predict([hook], repaired=False) != base
                 if bool(flipped.any()):
                     self.cases.append((hook, held.subset(flipped), base[flipped]))
+        if wrapper.per_source:  # each input of class a also gets its own source's s_{a→p}
+            site, src = wrapper._sites[0], wrapper._buf("srcbeta", 0)
+            for k, a in itertools.product(range(src.shape[0]), range(src.shape[1])):
+                mine = base == a
+                if not bool(src[k, a].any()) or not bool(mine.any()):
+                    continue
+                vec = src[k, a].clone()
+                hook = (site, _on(site, lambda t, v=vec, s=site: (_flat(t, s, v.numel()) + v.to(t.dtype)).reshape(t.shape)))
+                sub, ys = held.subset(mine), base[mine]
+                flipped = sub.predict([hook], repaired=False) != ys
+                if bool(flipped.any()):
+                    self.cases.append((hook, sub.subset(flipped), ys[flipped]))
 
     @property
     def flipped(self) -> int:
@@ -1076,6 +1191,7 @@ def repair(
     seed: int = 0,
     batch_size: int = 256,
     head: str | None = None,
+    per_source: bool | None = None,
 ) -> RepairedModel:
     """Estimate backdoor directions and clean statistics and wrap ``model`` in a :class:`RepairedModel`.
 
@@ -1099,6 +1215,11 @@ def repair(
         folds: number of cross-fitting folds for those choices.
         augment: augmented views per suspicious image (``"unpaired"``).
         paired_method: ``"mean"`` or ``"pca"`` (``"paired"``).
+        per_source: add the per-source stage (see :meth:`RepairedModel._source_stage`): the TAC perturbations
+            ``s_{a→p}`` of every source class (the pairwise QP on the reserve's labelled latents) repair
+            inputs whose projection on ``β̂`` exceeds the clean ``quantile``. True needs ``source="qp"``, the
+            gated rule and the penultimate layer alone; None (default) turns it on exactly then, for heads
+            of up to :data:`~latentguard.defenses.tac.PAIRWISE_MAX_CLASSES` classes.
     """
     if not isinstance(clean, Images):
         raise SpecError("clean data must be an Images container: use latentguard.data.as_images(x, y)")
@@ -1116,6 +1237,11 @@ def repair(
     if isinstance(augment, bool) or not (isinstance(augment, int) and augment >= 0):
         raise SpecError(f"augment must be a non-negative integer, got {augment!r}")
     names = _layer_names(layer)
+    if per_source is not None and not isinstance(per_source, bool):
+        raise SpecError(f"per_source must be True, False or None (automatic), got {per_source!r}")
+    applicable = source == "qp" and rule == "gated" and names == [PENULTIMATE]
+    if per_source and not applicable:
+        raise SpecError("per_source needs source='qp', rule='gated' and the penultimate layer alone")
     if alpha is not None:
         values = list(alpha.values()) if isinstance(alpha, Mapping) else [alpha]
         if isinstance(alpha, Mapping) and set(alpha) != set(names):
@@ -1142,6 +1268,7 @@ def repair(
     detection: DetectionReport | None = None
     directions: dict[str, torch.Tensor] = {}
     info: dict[str, Any] = {"source": source, "rule": rule, "gate": gate, "layers": names}
+    source_dirs: torch.Tensor | None = None
     if source in ("qp", "centroid"):
         head = fm.head
         pen = _resolve_sites(model, [PENULTIMATE], fm.head_name)
@@ -1178,6 +1305,14 @@ def repair(
             directions[site.name] = torch.stack([b.reshape(shapes[site.name]) for b in betas]).float()
         if not targets:
             info["note"] = "no backdoor target detected: the wrapper leaves every output unchanged"
+        elif per_source or (per_source is None and applicable and num_classes <= PAIRWISE_MAX_CLASSES):
+            from latentguard.latent.qp import pairwise_flip_perturbations
+
+            pairs = pairwise_flip_perturbations(acts_pen[PENULTIMATE].double().cpu().numpy(), y_fit.numpy(),
+                                                head.weight.detach().double().cpu().numpy(),
+                                                bias.detach().double().cpu().numpy())
+            # (K, C, d): s_{a→p} for every source a of each target p; no clean image of a (or a = p) → zero
+            source_dirs = torch.from_numpy(np.nan_to_num(pairs.perturbations[:, targets, :].transpose(1, 0, 2), nan=0.0))
     elif source == "paired":
         if isinstance(poisoned, tuple | list) and len(poisoned) == 2:
             xc = _check_images(poisoned[0], x_fit, "paired clean images")
@@ -1213,7 +1348,9 @@ def repair(
     q0 = float(quantile) if quantile is not None else DEFAULT_QUANTILE
     wrapper = RepairedModel(model, layers=names, directions=directions, alphas=dict.fromkeys(names, 1.0), rule=rule,
                             gate=gate, floor=floor, quantile=q0, head=fm.head_name, num_classes=num_classes,
-                            targets=targets, source=source).to(dev)
+                            targets=targets, source=source, per_source=source_dirs is not None,
+                            source_directions=source_dirs).to(dev)
+    info["per_source"] = source_dirs is not None
     if isinstance(alpha, Mapping):
         wrapper.set_alpha(alpha)
     elif alpha is not None:
@@ -1318,6 +1455,8 @@ def load_repair(model: nn.Module, path: str | os.PathLike[str], *, head: str | N
         for key in tensors:
             tensors[key][name] = _field(state, f"{key}.{i}", torch.Tensor, p)
     calibrated = _field(state, "calibrated", bool, p)
+    per_source = bool(state.get("per_source", False))
+    extra = {key: _field(state, key, torch.Tensor, p) for key, _ in _SOURCE_TENSORS} if per_source else {}
     wrapper = RepairedModel(
         model,
         layers=layers,
@@ -1335,6 +1474,10 @@ def load_repair(model: nn.Module, path: str | os.PathLike[str], *, head: str | N
         proj_mean=tensors["proj_mean"] if calibrated else None,
         proj_std=tensors["proj_std"] if calibrated else None,
         proj_ref=tensors["proj_ref"],
+        per_source=per_source,
+        source_directions=extra.get("source_beta"),
+        source_thresholds=extra.get("source_thresholds") if calibrated else None,
+        flag_thresholds=extra.get("flag_thresholds") if calibrated else None,
         info={"loaded_from": p.name},
     )
     _check_layer_shapes(wrapper, model)
@@ -1383,8 +1526,13 @@ class Fire(Defense):
         tolerance: float = 0.02
         folds: int = 4
         head: str | None = None  # name of the output nn.Linear (None: found automatically)
+        per_source: bool | None = None  # the per-source stage (None: on for the qp source, gated rule, penultimate layer)
 
         def __post_init__(self) -> None:
+            if self.per_source is not None and not isinstance(self.per_source, bool):
+                raise SpecError(f"fire: per_source must be true, false or null (automatic), got {self.per_source!r}")
+            if self.per_source and (self.rule != "gated" or self.source != "qp" or _layer_names(self.layer) != [PENULTIMATE]):
+                raise SpecError("fire: per_source needs source='qp', rule='gated' and the penultimate layer alone")
             if self.head is not None and not (isinstance(self.head, str) and self.head):
                 raise SpecError(f"fire: head must be the name of the output nn.Linear, got {self.head!r}")
             for value, allowed, what in ((self.rule, RULES, "rule"), (self.gate, GATES, "gate"),
@@ -1411,5 +1559,5 @@ class Fire(Defense):
         p = self.params
         wrapper = repair(model, clean, target=p.target, layer=p.layer, rule=p.rule, gate=p.gate, floor=p.floor,
                          source=p.source, alpha=p.alpha, quantile=p.quantile, tolerance=p.tolerance, folds=p.folds,
-                         device=device, seed=seed, head=p.head)
+                         device=device, seed=seed, head=p.head, per_source=p.per_source)
         return self._result(wrapper, detection=wrapper.detection, input_score=wrapper.score, extra=dict(wrapper.info))

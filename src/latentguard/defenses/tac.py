@@ -69,7 +69,7 @@ RECOMPUTE = ("epoch", "fixed")
 # would flag both clean zoo models.
 DEFAULT_THRESHOLD = 4.0
 STRATEGIES = ("finetune", "prune")
-SURROGATES = ("class", "source")
+SURROGATES = ("class", "source", "both")
 STATISTICS = ("both", "class", "pairwise")
 CLASS_MARGIN = 1.0  # under "both", the per-class index must exceed α by this much (see the module docstring)
 # the pairwise statistic solves C (C − 1) small QPs (0.3 s for GTSRB's 43 classes on 2 cores); above this many
@@ -92,7 +92,7 @@ class TACParams:
     batch_size: int = 128
     weight_decay: float = 5e-4
     recompute: str = "fixed"  # fixed: keep the s_p of the given model (default); epoch: re-solve after every epoch
-    surrogate: str = "class"  # class: one s_p for every sample (the paper) | source: s_{a→p} for a sample of class a
+    surrogate: str = "class"  # class: one s_p for every sample (the paper) | source: s_{a→p} for a sample of class a | both
     stop_ratio: float = 1.0  # drop p's unlearning term once ‖s_p‖ ≥ stop_ratio · median of the other ‖s_k‖ (0: never)
     prune_ratio: float = 0.05  # fraction of latent units pruned by strategy="prune"
     detect_only: bool = False  # return the model unchanged with the detection report
@@ -317,7 +317,7 @@ class _Perturbations:
                        if not (self.stop_ratio > 0 and sol.norms[t] >= self.stop_ratio * median)]
         self.active_trace.append(list(self.active))
         self._s = torch.as_tensor(sol.perturbations[self.active], dtype=torch.float32, device=self.device)
-        if self.surrogate == "source":
+        if self.surrogate in ("source", "both"):
             pair = pairwise_flip_perturbations(z, self.clean.y, head.weight.detach(), _bias(head),
                                                quantile=self.quantile).perturbations  # (C, C, d): [a, k]
             per_source = np.nan_to_num(pair[:, self.active].transpose(1, 0, 2), nan=0.0)  # unsolved pairs: 0
@@ -327,10 +327,12 @@ class _Perturbations:
         return self._s
 
     def shifts(self, y: torch.Tensor) -> list[torch.Tensor]:
-        """Latent shifts for a batch labelled ``y``, one per active target: s_p for every sample, or s_{y→p}."""
+        """Latent shifts for a batch labelled ``y``, one per active target: s_p for every sample, or s_{y→p}
+        (``surrogate="source"``), or both terms (``"both"``)."""
         if self._per_source is None:
             return list(self._s)
-        return [table[y] for table in self._per_source]
+        own = [table[y] for table in self._per_source]
+        return own + list(self._s) if self.surrogate == "both" else own
 
     def norms(self) -> list[float]:
         return [float(self._norms[t]) for t in self.targets]
