@@ -101,6 +101,8 @@ def test_zoo_build_passes_attack_params_to_the_cells_it_builds(tmp_path, capsys)
     assert spec["params"]["alpha"] == 0.3
     clean = json.loads((root / "digits" / "clean" / "metrics.json").read_text())
     assert clean["parameters"]["zoo"]["attack_params"] == {"blend": {"alpha": 0.3}}
+    table = (root / "zoo.md").read_text()  # the table names what was changed, on the attack's row only
+    assert "| digits | blend | small_cnn w8 | 1 | alpha=0.3 |" in table and "| digits | clean | small_cnn w8 | 1 | – |" in table
     capsys.readouterr()
     for bad, message in ((["--attack-param", "alpha=0.3"], "attack.name=value"),
                          (["--attack-param", "sig.delta=0.1"], "not in --attacks"),
