@@ -641,8 +641,8 @@ class RepairedModel(nn.Module):
         back along ``û_{a→p}`` (the unit TAC perturbation from its likely source class ``a``, the best class
         but ``p`` on the unrepaired latent) by ``α · max(0, ⟨x, û_{a→p}⟩ − τ_{a→p})``, after the shared shift.
 
-        A real trigger moves each class along its own ``s_{a→p}`` more than along the shared ``s_p``
-        (``benchmarks/tac_direction.md``), so what the shared shift leaves is removed here."""
+        On the GTSRB zoo models a real trigger moves each class along its own ``s_{a→p}`` more than along the
+        shared ``s_p`` (``benchmarks/tac_direction.md``); what the shared shift leaves is removed here."""
         flag = proj > cache.flag_tau
         if not bool(flag.any()):
             return shifted
