@@ -106,7 +106,7 @@ def test_zoo_build_passes_attack_params_to_the_cells_it_builds(tmp_path, capsys)
     capsys.readouterr()
     for bad, message in ((["--attack-param", "alpha=0.3"], "attack.name=value"),
                          (["--attack-param", "sig.delta=0.1"], "not in --attacks"),
-                         (["--attack-param", "blend.alfa=0.3"], "no parameter alfa"),
+                         (["--attack-param", "blend.alfa=0.3"], "unknown parameter(s) alfa"),
                          (["--attack-param", "blend.alpha=3"], "alpha")):
         assert main(["zoo", "build", "--datasets", "digits", "--attacks", "blend", "--root", str(root), *bad]) == 2
         assert message in capsys.readouterr().err

@@ -120,6 +120,20 @@ class Attack(ABC):
     supports_all_to_all: ClassVar[bool] = True
     needs_preparation: ClassVar[bool] = False  # a learned trigger must exist before poisoning
 
+    @classmethod
+    def check_params(cls, params: dict[str, Any]) -> Any:
+        """The validated ``Params`` for ``params`` (unknown names and bad values raise a one-line SpecError)."""
+        known = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise SpecError(
+                f"unknown parameter(s) {', '.join(unknown)} for attack {cls.name!r}: allowed are {', '.join(sorted(known))}"
+            )
+        try:
+            return cls.Params(**params)
+        except TypeError as exc:
+            raise SpecError(f"bad parameters for attack {cls.name!r}: {exc}") from exc
+
     def __init__(self, spec: AttackSpec) -> None:
         if spec.name != self.name:
             raise SpecError(f"spec is for attack {spec.name!r}, not {self.name!r}")
@@ -129,16 +143,7 @@ class Attack(ABC):
             raise SpecError(f"attack {self.name!r} is only defined all-to-one: drop --all-to-all")
         if spec.all_to_all and self.clean_label:
             raise SpecError(f"clean-label attack {self.name!r} cannot be all-to-all")
-        known = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = sorted(set(spec.params) - known)
-        if unknown:
-            raise SpecError(
-                f"unknown parameter(s) {', '.join(unknown)} for attack {self.name!r}: allowed are {', '.join(sorted(known))}"
-            )
-        try:
-            self.params = self.Params(**spec.params)
-        except TypeError as exc:
-            raise SpecError(f"bad parameters for attack {self.name!r}: {exc}") from exc
+        self.params = self.check_params(spec.params)
         spec.params = dataclasses.asdict(self.params)
         self.spec = spec
         self.num_classes: int = spec.num_classes

@@ -468,9 +468,9 @@ class RepairedModel(nn.Module):
         if tau.shape != (k, self.num_classes) or flag.shape != (k,):
             raise ModelError(f"per-source thresholds must have shapes ({k}, {self.num_classes}) and ({k},), "
                              f"got {tuple(tau.shape)} and {tuple(flag.shape)}")
-        norms = src.double().norm(dim=2, keepdim=True)
         self.register_buffer("_srcbeta0", src)
-        self.register_buffer("_srcunit0", torch.where(norms > 0, src.double() / norms.clamp_min(1e-300), 0.0).float())
+        self.register_buffer("_srcunit0", unit_directions(src.double().reshape(k * self.num_classes, d))
+                             .reshape(k, self.num_classes, d).float())
         self.register_buffer("_srctau0", tau)
         self.register_buffer("_flagtau0", flag)
 
@@ -1064,6 +1064,12 @@ class _Inputs:
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
+def _adding(site: _Site, vec: torch.Tensor) -> tuple[_Site, Callable]:
+    """A hook adding the fixed vector ``vec`` to every activation at ``site`` (a synthetic trigger)."""
+    v = vec.reshape(-1).clone()
+    return site, _on(site, lambda t: (_flat(t, site, v.numel()) + v.to(t.dtype)).reshape(t.shape))
+
+
 class _Restoration:
     """Clean-only proxy of how well a repair undoes a backdoor: add each direction to the holdout's
     activations (a synthetic trigger), keep the inputs this flips, count how many the repair restores."""
@@ -1072,8 +1078,7 @@ class _Restoration:
         self.cases: list[tuple[tuple[_Site, Callable], _Inputs, torch.Tensor]] = []
         for i, site in enumerate(wrapper._sites):
             for k, scale in itertools.product(range(wrapper._buf("beta", i).shape[0]), SYNTHETIC_SCALES):
-                vec = scale * wrapper._buf("beta", i)[k].reshape(-1).clone()
-                hook = (site, _on(site, lambda t, v=vec, s=site: (_flat(t, s, v.numel()) + v.to(t.dtype)).reshape(t.shape)))
+                hook = _adding(site, scale * wrapper._buf("beta", i)[k])
                 flipped = held.predict([hook], repaired=False) != base
                 if bool(flipped.any()):
                     self.cases.append((hook, held.subset(flipped), base[flipped]))
@@ -1083,8 +1088,7 @@ class _Restoration:
                 mine = base == a
                 if not bool(src[k, a].any()) or not bool(mine.any()):
                     continue
-                vec = src[k, a].clone()
-                hook = (site, _on(site, lambda t, v=vec, s=site: (_flat(t, s, v.numel()) + v.to(t.dtype)).reshape(t.shape)))
+                hook = _adding(site, src[k, a])
                 sub, ys = held.subset(mine), base[mine]
                 flipped = sub.predict([hook], repaired=False) != ys
                 if bool(flipped.any()):
