@@ -5,6 +5,9 @@ Run: ``python benchmarks/attacks_digits.py [--epochs 30] [--params JSON] [--out 
 
 Attack parameters are each attack's defaults except WaNet's warping strength: on 16×16 images the paper's
 s = 0.5 moves pixels by a fraction of a pixel, too little to learn (its docstring), so s = 3 here.
+The committed table trains InputAware for the paper's 600 joint epochs (``--epochs-for '{"inputaware": 600}'``):
+its cross-trigger samples teach the classifier to reject a trigger on the wrong image, and on 1.3 k images that
+takes long; at 30 epochs it reached 63.5 % ASR, at 100 epochs 75.1 %.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ the variants differ in what else they get:
   likely source class ``a``);
 - ``qp-shared``: the same without the per-source stage (``per_source=False``; the default before it);
 - ``centroid``: nothing else (the clean class-mean offset of the detected class);
-- ``paired-N``: triggered copies of the first N reserve images (the attack's own trigger);
+- ``paired-N``: triggered copies of N reserve images drawn at random (seeded; the attack's own trigger). The
+  reserve is stored in class order, so its first N images would all be of class 0, the target: triggered
+  copies of target images flip nothing, and runs before this was fixed measured that case;
 - ``unpaired-N``: N of the attacker's poisoned training images (as planted, triggered), no clean partner.
 
 α and the gate quantile are always chosen on the clean reserve (cross-fitted, tolerance ``--tolerance``);
@@ -75,8 +77,12 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
     x_clean = splits.test.subset(i_clean).tensors()[0]
     labels = np.r_[np.ones(len(x_bd)), np.zeros(len(x_clean))]
     order = rng.permutation(len(poisoned_idx))
+    pairs_order = np.random.default_rng(args.seed).permutation(len(reserve))  # the paired variants' images
     out = []
     for variant in todo:
+        if variant.startswith("unpaired-") and not len(poisoned_idx):
+            print(f"{dataset}/{attack}/{variant}: skipped (the attack keeps no fixed poisoned training set)")
+            continue
         t0 = time.perf_counter()
         rec = {"key": f"{dataset}/{attack}/{variant}", "dataset": dataset, "attack": attack, "variant": variant,
                "target": atk.spec.target, "acc_before": before.acc, "asr_before": before.asr,
@@ -91,9 +97,9 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
             per_source = False if variant == "qp-shared" else None
             poisoned = None
             if kind == "paired":
-                first = reserve.subset(np.arange(min(int(n), len(reserve))))
-                rec["n_poisoned"] = len(first)
-                poisoned = (first.tensors()[0], torch.from_numpy(atk.apply_images(first)).permute(0, 3, 1, 2))
+                drawn = reserve.subset(np.sort(pairs_order[: int(n)]))
+                rec["n_poisoned"] = len(drawn)
+                poisoned = (drawn.tensors()[0], torch.from_numpy(atk.apply_images(drawn)).permute(0, 3, 1, 2))
             elif kind == "unpaired":
                 chosen = poisoned_idx[order[: int(n)]]
                 rec["n_poisoned"] = len(chosen)

@@ -455,6 +455,26 @@ def test_digits_paired_and_online_refinement(digits_badnets):
     triggered = attack.apply(clean.tensors()[0])
     paired = repair(model, clean, source="paired", poisoned=triggered, device="cpu")
     assert evaluate(paired, test, backdoor_set=backdoor, device="cpu").asr < 0.5 * before.asr
+    # α and quantile: among candidates within tolerance, the most real triggered copies moved off the target wins
+    info = paired.info
+    with torch.no_grad():
+        flips = int((model(triggered).argmax(1) != model(clean.tensors()[0]).argmax(1)).sum())
+    assert info["observed_flipped"] == flips > 0
+    feasible = [c for c in info["candidates"] if c["ok"]]
+    best = max(feasible, key=lambda c: (round(c["observed_left"], 9), round(c["observed_restored"], 9),
+                                        round(c["restored"], 9), -c["alpha"], c["quantile"]))
+    assert (paired.alphas["penultimate"], paired.quantile) == (best["alpha"], best["quantile"])
+    assert info["observed_left"] == pytest.approx(best["observed_left"]) and best["observed_left"] > 0.5
+    assert info["observed_restored"] == pytest.approx(best["observed_restored"])
+    # unpaired: the suspicious images predicted as their most frequent class (the target) count; none can be
+    # "restored" (no clean partner), so moving them off that class decides
+    suspicious = backdoor[0][:60]
+    unpaired = repair(model, clean, source="unpaired", poisoned=suspicious, device="cpu")
+    with torch.no_grad():
+        pred = model(suspicious.float() / 255).argmax(1)
+    assert unpaired.info["observed_flipped"] == int((pred == 0).sum()) > 30
+    assert unpaired.info["observed_restored"] == 0.0 and unpaired.info["observed_left"] > 0.5
+    assert evaluate(unpaired, test, backdoor_set=backdoor, device="cpu").asr < 0.5 * before.asr
     # start from the clean-data direction, then observe a stream of clean and triggered inputs
     wrapper = repair(model, clean, target=0, device="cpu")
     half = len(backdoor[0]) // 2
@@ -466,3 +486,18 @@ def test_digits_paired_and_online_refinement(digits_badnets):
     assert flagged > half // 3
     after = evaluate(wrapper, test, backdoor_set=rest, device="cpu")
     assert after.asr < asr_before and after.acc >= before.acc - 0.03
+
+
+def test_evaluating_a_wrapper_leaves_its_model_in_eval_mode(digits_badnets):
+    # a wrapper used to start in train mode, and restoring that flag after evaluation switched the wrapped
+    # model's BatchNorm to batch statistics: every later call of the model itself changed its predictions
+    model, clean, test, _, backdoor, _ = digits_badnets
+    wrapper = repair(model, clean, target=0, device="cpu")
+    assert not wrapper.training and not model.training
+    x = test.tensors()[0][:64]
+    with torch.no_grad():
+        before = model(x)
+    evaluate(wrapper, test, backdoor_set=backdoor, device="cpu")
+    assert not model.training and all(not m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

@@ -46,17 +46,12 @@ def predict_logits(
 ) -> torch.Tensor:
     """Logits of ``model`` on ``x`` (float in [0, 1] or uint8 NCHW), batched, returned on the CPU."""
     dev = resolve_device(device)
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
     outs = []
-    try:
+    # each sub-module's own flag comes back (a wrapper in train mode must not switch its eval-mode model to train)
+    with eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext():
         for start in range(0, x.shape[0], batch_size):
             xb = to_float_images(x[start : start + batch_size]).to(dev, non_blocking=True)
             outs.append(model(xb).float().cpu())
-    finally:
-        if isinstance(model, nn.Module) and was_training:
-            model.train()
     if not outs:
         return torch.empty(0)
     return torch.cat(outs)

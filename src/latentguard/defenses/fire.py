@@ -97,8 +97,11 @@ each fold the statistics are fitted on the other folds and every candidate (quan
 fold. A candidate is feasible when its clean accuracy stays within ``tolerance`` of the undefended model's;
 among the feasible ones the one that best *restores synthetic backdoor inputs* wins: the direction itself is
 added to the fold's activations (``x + β``), and of the inputs this flips, the fraction the repair brings back
-to their clean prediction is counted (ties: smaller α, then higher quantile). The final statistics are then
-computed on the whole reserve.
+to their clean prediction is counted (ties: smaller α, then higher quantile). With the paired or unpaired
+source the defender's real suspicious inputs rank first: the share the repair moves off the backdoor's
+prediction (paired: of the triggered copies the backdoor flips; unpaired: of the suspicious images predicted as
+their most frequent class), then, paired only, the share brought back to the clean partner's prediction; the
+synthetic share breaks the remaining ties. The final statistics are then computed on the whole reserve.
 
 Per-input suspicion (:meth:`RepairedModel.score`, the defense result's ``input_score``): the projection
 standardised by the clean mean and standard deviation of the input's class (as chosen by ``gate``),
@@ -144,7 +147,7 @@ from latentguard.defenses.base import (
 from latentguard.defenses.tac import PAIRWISE_MAX_CLASSES, latent_report
 from latentguard.device import resolve_device
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
-from latentguard.inference import to_float_images
+from latentguard.inference import eval_mode, to_float_images
 from latentguard.latent.directions import (
     OnlineDirection,
     class_mean_direction,
@@ -272,17 +275,6 @@ def _module_device(m: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval(m: nn.Module) -> Iterator[None]:
-    flags = {mod: mod.training for mod in m.modules()}
-    m.eval()
-    try:
-        yield
-    finally:
-        for mod, flag in flags.items():
-            mod.training = flag
-
-
 @torch.no_grad()
 def _collect(
     model: nn.Module, sites: Sequence[_Site], x: torch.Tensor, batch_size: int, dev: torch.device
@@ -298,7 +290,7 @@ def _collect(
 
         return _on(site, keep)
 
-    with _eval(model), _hooks([(s, grab(s)) for s in sites]):
+    with eval_mode(model), _hooks([(s, grab(s)) for s in sites]):
         for start in range(0, x.shape[0], batch_size):
             current.clear()
             out = model(to_float_images(x[start : start + batch_size]).to(dev))
@@ -319,7 +311,7 @@ def _site_shape(model: nn.Module, site: _Site, x1: torch.Tensor) -> tuple[int, .
     def keep(t: torch.Tensor) -> None:
         seen.append(tuple(t.shape[1:]))
 
-    with _eval(model), _hooks([(site, _on(site, keep))]):
+    with eval_mode(model), _hooks([(site, _on(site, keep))]):
         model(x1.to(_module_device(model)))
     if not seen:
         raise ModelError(f"layer {site.name!r} did not run during the forward pass: pick a layer on the model's path")
@@ -447,6 +439,7 @@ class RepairedModel(nn.Module):
         self._calib_cls: torch.Tensor | None = None
         self._calib_batch = 256
         self._online: dict[str, OnlineDirection] | None = None
+        self.eval()  # an inference wrapper: its model runs in eval mode (BatchNorm running statistics)
 
     def _init_source_stage(self, directions: torch.Tensor | None, thresholds: torch.Tensor | None,
                            flags: torch.Tensor | None) -> None:
@@ -762,7 +755,7 @@ class RepairedModel(nn.Module):
         dev = _module_device(self)
         proj: dict[str, list[torch.Tensor]] = {s.name: [] for s in self._sites}
         classes = []
-        with _eval(self):
+        with eval_mode(self):
             for start in range(0, x.shape[0], batch_size):
                 _, p, _, cls = self._analyse(to_float_images(x[start : start + batch_size]).to(dev))
                 for name, v in p.items():
@@ -861,7 +854,7 @@ class RepairedModel(nn.Module):
             z = self._calib_acts[name].to(dev)
             return self._head_pass(z)[1].cpu()
         out = []
-        with _eval(self.model):
+        with eval_mode(self.model):
             for start in range(0, self._calib_x.shape[0], self._calib_batch):
                 xb = self._calib_x[start : start + self._calib_batch].to(dev)
                 logits = self.model(xb) if self.gate == "predicted" else self._neutral_logits(xb)
@@ -1003,7 +996,7 @@ def _check_images(x: Any, like: torch.Tensor, what: str) -> torch.Tensor:
 def _predict(model: nn.Module, x: torch.Tensor, batch_size: int, dev: torch.device,
              hooks: Sequence[tuple[_Site, Callable]] = ()) -> torch.Tensor:
     out = []
-    with _eval(model), _hooks(hooks):
+    with eval_mode(model), _hooks(hooks):
         for s in range(0, x.shape[0], batch_size):
             out.append(model(x[s : s + batch_size].to(dev)).argmax(dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
@@ -1025,7 +1018,7 @@ def _head_inputs(wrapper: RepairedModel, x: torch.Tensor, batch_size: int,
     taps = [(site, lambda _m, args: ins.append(args[0])),
             (_Site(site.name, site.module, "output"), lambda _m, _a, out: outs.append(out))]
     batches = []
-    with _eval(wrapper.model), _hooks(taps):
+    with eval_mode(wrapper.model), _hooks(taps):
         for s in range(0, x.shape[0], batch_size):
             ins.clear()
             outs.clear()
@@ -1059,7 +1052,7 @@ class _Inputs:
             return _predict(w if repaired else w.model, self.x, self.batch_size, self.dev, hooks)
         head = w._sites[0].module
         call = w._head_forward if repaired else head
-        with _eval(w), _hooks(hooks):
+        with eval_mode(w), _hooks(hooks):
             out = [call(z).argmax(dim=1).cpu() for z in self.latents]
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
@@ -1103,6 +1096,39 @@ class _Restoration:
         return sum(int((xs.predict([hook]) == ys).sum()) for hook, xs, ys in self.cases)
 
 
+class _Observed:
+    """Real suspicious inputs the defender holds; counts how many a repair moves off the backdoor's prediction
+    and how many it restores to the clean prediction, where that is known.
+
+    ``paired``: each triggered copy that the backdoor flips away from its clean partner's prediction (the
+    clean prediction is known). ``unpaired``: each suspicious image predicted as the set's most frequent class
+    (the backdoor's, as far as the defender can tell; no clean prediction is known, so none counts as restored).
+    """
+
+    def __init__(self, wrapper: RepairedModel, x_triggered: torch.Tensor, batch_size: int, dev: torch.device,
+                 x_clean: torch.Tensor | None = None) -> None:
+        got = _predict(wrapper.model, x_triggered, batch_size, dev)
+        if x_clean is not None:
+            want = _predict(wrapper.model, x_clean, batch_size, dev)
+            keep = got != want
+        else:
+            keep = got == torch.mode(got).values if got.numel() else got.bool()
+            want = torch.full_like(got, -1)
+        self.inputs = _Inputs(wrapper, x_triggered[keep], batch_size, dev)
+        self.expected, self.backdoored = want[keep], got[keep]
+
+    @property
+    def flipped(self) -> int:
+        return int(self.expected.numel())
+
+    def counts(self) -> tuple[int, int]:
+        """(restored to the clean partner's prediction, no longer the backdoor's prediction)."""
+        if not self.flipped:
+            return 0, 0
+        pred = self.inputs.predict()
+        return int((pred == self.expected).sum()), int((pred != self.backdoored).sum())
+
+
 def _stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     """A fold id per sample: each class's samples shuffled and dealt round-robin over the ``k`` folds."""
     rng = np.random.default_rng(seed)
@@ -1117,14 +1143,18 @@ def _stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict[str, Any], *,
             alpha: float | Mapping[str, float] | None, quantile: float | None, tolerance: float, folds: int,
-            seed: int, batch_size: int, dev: torch.device) -> float:
+            seed: int, batch_size: int, dev: torch.device, observed: _Observed | None = None) -> float:
     """Choose α and the quantile by ``folds``-fold cross-fitting on the clean reserve; returns the quantile.
 
     For each fold the statistics are fitted on the other folds and every candidate is scored on the fold:
     correct predictions, and synthetic backdoor inputs restored (see :class:`_Restoration`). Summed over the
     folds, a candidate is feasible when its accuracy is within ``tolerance`` of the undefended model's; the
-    feasible candidate restoring most wins, ties to the smaller α and then the higher quantile. With the
-    penultimate site alone the candidates run only the head, on latents captured once per fold (:class:`_Inputs`).
+    feasible candidate restoring most wins, ties to the smaller α and then the higher quantile. When the
+    defender holds real suspicious inputs (``observed``: the paired or unpaired source), the share of them moved
+    off the backdoor's prediction ranks first, then the share restored to the clean prediction (paired only),
+    and the synthetic share breaks the remaining ties: a synthetic trigger x + β only mimics the mean change of
+    a real one. With the penultimate site alone the candidates run only the head, on latents captured once per
+    fold (:class:`_Inputs`).
     """
     rule, source = wrapper.rule, wrapper.source
     grid_q = [wrapper.quantile] if rule == "constant" or quantile is not None else list(QUANTILES)
@@ -1138,6 +1168,8 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
     fold = torch.from_numpy(_stratified_folds(y.numpy(), folds, seed))
     correct = np.zeros((len(grid_q), len(grid_a)), dtype=np.int64)
     restored = np.zeros_like(correct)
+    seen = np.zeros_like(correct)
+    left = np.zeros_like(correct)
     flipped = 0
     for f in range(folds):
         test = fold == f
@@ -1153,15 +1185,25 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
                 wrapper.set_alpha(a)
                 correct[iq, ia] += int((held.predict() == y[test]).sum())
                 restored[iq, ia] += restoration.count()
+                if observed is not None:
+                    back, off = observed.counts()
+                    seen[iq, ia] += back
+                    left[iq, ia] += off
     tried, best = [], None
+    n_seen = observed.flipped * folds if observed is not None else 0
     for iq, q in enumerate(grid_q):
         for ia, a in enumerate(grid_a):
             a_val = a if isinstance(a, float) else max(a.values())
             ok = correct[iq, ia] >= base_correct - tolerance * n - 1e-6
             rest = restored[iq, ia] / flipped if flipped else 1.0
-            tried.append({"quantile": float(q), "alpha": float(a_val), "acc": float(correct[iq, ia] / n),
-                          "restored": float(rest), "ok": bool(ok)})
-            key = (round(rest, 9), -a_val, q)
+            real = seen[iq, ia] / n_seen if n_seen else 1.0
+            off = left[iq, ia] / n_seen if n_seen else 1.0
+            row = {"quantile": float(q), "alpha": float(a_val), "acc": float(correct[iq, ia] / n),
+                   "restored": float(rest), "ok": bool(ok)}
+            if n_seen:
+                row.update(observed_restored=float(real), observed_left=float(off))
+            tried.append(row)
+            key = (round(off, 9), round(real, 9), round(rest, 9), -a_val, q)
             if ok and (best is None or key > best[0]):
                 best = (key, a, q, float(correct[iq, ia] / n), float(rest))
     if best is None:  # nothing within tolerance: the weakest candidate
@@ -1171,6 +1213,9 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
     wrapper.set_alpha(chosen_a)
     info.update(folds=folds, cv_acc_before=base_correct / n, cv_acc_after=acc, synthetic_flipped=flipped,
                 synthetic_restored=rest, tolerance=float(tolerance), candidates=tried)
+    if observed is not None:
+        info.update(observed_flipped=observed.flipped, observed_left=best[0][0] if best[0] else float("nan"),
+                    observed_restored=best[0][1] if best[0] else float("nan"))
     return float(chosen_q)
 
 
@@ -1214,7 +1259,8 @@ def repair(
         quantile: clean quantile of the gated thresholds; None chooses it on the holdout (gated rule) or
             uses 0.99.
         poisoned: ``"paired"``: triggered copies of the clean reserve's images, in its order, or a pair
-            ``(clean_images, triggered_images)``; ``"unpaired"``: suspicious images, any number.
+            ``(clean_images, triggered_images)``; ``"unpaired"``: suspicious images, any number. Besides the
+            direction they also rank the α / quantile candidates (see :func:`_choose`).
         tolerance: clean accuracy drop (cross-fitted on the reserve) allowed when choosing α / quantile.
         folds: number of cross-fitting folds for those choices.
         augment: augmented views per suspicious image (``"unpaired"``).
@@ -1273,6 +1319,7 @@ def repair(
     directions: dict[str, torch.Tensor] = {}
     info: dict[str, Any] = {"source": source, "rule": rule, "gate": gate, "layers": names}
     source_dirs: torch.Tensor | None = None
+    suspicious: tuple[torch.Tensor, torch.Tensor | None] | None = None  # real (triggered, clean partner) images
     if source in ("qp", "centroid"):
         head = fm.head
         pen = _resolve_sites(model, [PENULTIMATE], fm.head_name)
@@ -1334,6 +1381,7 @@ def repair(
             beta = paired_direction(ac[site.name], at[site.name], method=paired_method)
             directions[site.name] = beta.reshape(1, *shapes[site.name]).float()
         info["pairs"] = int(xc.shape[0])
+        suspicious = (xt, xc)
     else:
         xs = _check_images(poisoned, x_fit, "poisoned")
         views = torch.cat([xs, _augmented(xs, augment, gen, clean.hflip)]) if augment else xs
@@ -1347,6 +1395,7 @@ def repair(
             beta = unpaired_direction(ref[None], a_sus[site.name])
             directions[site.name] = beta.reshape(1, *shapes[site.name]).float()
         info.update(suspicious=int(xs.shape[0]), augmented_views=int(augment))
+        suspicious = (xs, None)
 
     # ---------------------------------------------------------------- statistics, α and quantile
     q0 = float(quantile) if quantile is not None else DEFAULT_QUANTILE
@@ -1360,8 +1409,10 @@ def repair(
     elif alpha is not None:
         wrapper.set_alpha(float(alpha))
     if choose and wrapper.active:
+        observed = (_Observed(wrapper, suspicious[0], batch_size, dev, x_clean=suspicious[1])
+                    if suspicious is not None else None)
         q0 = _choose(wrapper, x_fit, y_fit, info, alpha=alpha, quantile=quantile, tolerance=tolerance, folds=folds,
-                     seed=seed, batch_size=batch_size, dev=dev)
+                     seed=seed, batch_size=batch_size, dev=dev, observed=observed)
     wrapper.calibrate(clean, quantile=q0, batch_size=batch_size, seed=seed)
     wrapper.detection = detection
     info.update(targets=targets, alphas=wrapper.alphas, quantile=wrapper.quantile)

@@ -35,6 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from latentguard.data import Images
 from latentguard.defenses.base import Defense, DefenseResult, register_defense
 from latentguard.defenses.params import check, is_int, is_real
+from latentguard.inference import eval_mode
 from latentguard.train import TrainConfig, fit
 
 
@@ -134,10 +135,8 @@ class IBAU(Defense):
 
         def epoch_hook(epoch: int, m: nn.Module) -> None:
             if epoch + 1 < p.n_rounds:  # the δ of the next round
-                was_training = m.training
-                m.eval()
-                state["delta"] = maximise_perturbation(m, x, p, device, gen)
-                m.train(was_training)
+                with eval_mode(m):
+                    state["delta"] = maximise_perturbation(m, x, p, device, gen)
                 norms.append(float(state["delta"].norm()))
 
         cfg = TrainConfig(epochs=p.n_rounds, batch_size=p.batch_size, lr=p.lr, optimizer="adam",

@@ -41,6 +41,7 @@ from latentguard.data import Images
 from latentguard.defenses.base import Defense, DefenseResult, low_outlier_report, register_defense
 from latentguard.defenses.params import check, is_int, is_real
 from latentguard.errors import SpecError
+from latentguard.inference import eval_mode
 from latentguard.train import TrainConfig, fit
 
 _TANH_EPS = 1e-7
@@ -133,8 +134,6 @@ def reverse_engineer_trigger(model: nn.Module, clean_x: torch.Tensor, target: in
     CPU, and the fraction of ``clean_x`` the returned trigger sends to ``target``.
     """
     p = params
-    was_training = model.training
-    model.eval()
     n, c, h, w = clean_x.shape
     mask_t = _from_unit(torch.rand(h, w, generator=generator)).to(device).requires_grad_(True)
     pattern_t = _from_unit(torch.rand(c, h, w, generator=generator)).to(device).requires_grad_(True)
@@ -148,7 +147,7 @@ def reverse_engineer_trigger(model: nn.Module, clean_x: torch.Tensor, target: in
     up_flag = down_flag = False
     stop_counter, stop_best = 0, math.inf
     order, cursor = torch.randperm(n, generator=generator), 0
-    try:
+    with eval_mode(model):
         for _epoch in range(p.epochs):
             hits, reg_sum, seen = 0, 0.0, 0
             for _ in range(steps):
@@ -195,14 +194,11 @@ def reverse_engineer_trigger(model: nn.Module, clean_x: torch.Tensor, target: in
             elif down_counter >= p.patience:
                 down_counter, down_flag = 0, True
                 cost /= p.cost_multiplier ** 1.5
-    finally:
-        model.train(was_training)
     if best is None:  # never reached the threshold: keep the last trigger
         best = (_to_unit(mask_t).detach().cpu(), _to_unit(pattern_t).detach().cpu())
     mask, pattern = best
-    model.eval()
-    asr = trigger_success(model, clean_x, target, mask, pattern, device)
-    model.train(was_training)
+    with eval_mode(model):
+        asr = trigger_success(model, clean_x, target, mask, pattern, device)
     return mask, pattern, asr
 
 

@@ -46,7 +46,7 @@ from latentguard.data import Images
 from latentguard.defenses.base import Defense, DefenseResult, register_defense
 from latentguard.defenses.params import check, is_int, is_real
 from latentguard.errors import SpecError
-from latentguard.inference import to_float_images
+from latentguard.inference import eval_mode, to_float_images
 
 BLENDS = ("add", "average")
 THRESHOLD_RULES = ("normal", "quantile")
@@ -105,12 +105,10 @@ class StripDetector(nn.Module):
         """Mean prediction entropy (bits) of each input over its N superimposed copies, as a CPU tensor."""
         x = to_float_images(x)
         dev = _device_of(self.model)
-        was_training = self.model.training
-        self.model.eval()
         n = self.n_superimpose
         per_chunk = max(1, self.batch_size // n)
         out = []
-        try:
+        with eval_mode(self.model):
             for s in range(0, x.shape[0], per_chunk):
                 xb = x[s:s + per_chunk].to(dev)
                 ex = exclude[s:s + per_chunk] if exclude is not None else None
@@ -122,9 +120,6 @@ class StripDetector(nn.Module):
                 logp = torch.log_softmax(logits, dim=1)
                 h = -(logp.exp() * logp).sum(dim=1) / np.log(2.0)
                 out.append(h.view(xb.shape[0], n).mean(dim=1).cpu())
-        finally:
-            if was_training:
-                self.model.train()
         return torch.cat(out) if out else torch.empty(0)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,7 @@ from latentguard.defenses.base import (
 )
 from latentguard.defenses.params import check, is_int, is_real
 from latentguard.errors import SpecError
+from latentguard.inference import eval_mode
 from latentguard.latent.qp import FlipSolution, minimal_flip_perturbations, pairwise_flip_perturbations
 from latentguard.models import FeatureModel, extract_features, split_model
 from latentguard.train import TrainConfig, fit
@@ -306,11 +307,10 @@ class _Perturbations:
         self.refresh()
 
     def refresh(self) -> None:
-        was_training = self.fm.training
-        z = clean_latents(self.fm, self.clean, device=self.device)
+        with eval_mode(self.fm):
+            z = clean_latents(self.fm, self.clean, device=self.device)
         head = self.fm.head
         sol = minimal_flip_perturbations(z, head.weight.detach(), _bias(head), quantile=self.quantile)
-        self.fm.train(was_training)
         self._norms = sol.norms
         self.trace.append([float(sol.norms[t]) for t in self.targets])
         others = np.delete(sol.norms, self.targets)
