@@ -82,7 +82,14 @@ def main() -> None:
                            alphas={"penultimate": 1.0}, head=state["head"],
                            thresholds={"penultimate": torch.full_like(state["thresholds.0"], -1e9)},
                            proj_mean={"penultimate": state["proj_mean.0"]},
-                           proj_std={"penultimate": state["proj_std.0"]}, proj_ref={"penultimate": state["proj_ref.0"]})
+                           proj_std={"penultimate": state["proj_std.0"]}, proj_ref={"penultimate": state["proj_ref.0"]},
+                           targets=state.get("targets", [target]), per_source=gated.per_source,
+                           source_directions=state.get("source_beta"),
+                           source_thresholds=(torch.full_like(state["source_thresholds"], -1e9)
+                                              if gated.per_source else None),
+                           flag_thresholds=(torch.full_like(state["flag_thresholds"], -1e9)
+                                            if gated.per_source else None))
+    print(f"default repair: per-source stage {'on' if gated.per_source else 'off'}")
 
     rows = [
         ("gated (default), penultimate, clean inputs", gated),
