@@ -83,7 +83,7 @@ def main() -> None:
                            thresholds={"penultimate": torch.full_like(state["thresholds.0"], -1e9)},
                            proj_mean={"penultimate": state["proj_mean.0"]},
                            proj_std={"penultimate": state["proj_std.0"]}, proj_ref={"penultimate": state["proj_ref.0"]},
-                           targets=state.get("targets", [target]), per_source=gated.per_source,
+                           targets=state["targets"], per_source=gated.per_source,
                            source_directions=state.get("source_beta"),
                            source_thresholds=(torch.full_like(state["source_thresholds"], -1e9)
                                               if gated.per_source else None),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from latentguard.data import Images
-from latentguard.errors import SpecError
+from latentguard.errors import SpecError, build_params
 from latentguard.train import TrainConfig, TrainHistory, fit
 
 SPEC_FIELDS = ("name", "target", "rate", "all_to_all", "seed", "params", "num_classes", "image_shape")
@@ -123,16 +123,7 @@ class Attack(ABC):
     @classmethod
     def check_params(cls, params: dict[str, Any]) -> Any:
         """The validated ``Params`` for ``params`` (unknown names and bad values raise a one-line SpecError)."""
-        known = {f.name for f in dataclasses.fields(cls.Params)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise SpecError(
-                f"unknown parameter(s) {', '.join(unknown)} for attack {cls.name!r}: allowed are {', '.join(sorted(known))}"
-            )
-        try:
-            return cls.Params(**params)
-        except TypeError as exc:
-            raise SpecError(f"bad parameters for attack {cls.name!r}: {exc}") from exc
+        return build_params(cls.Params, params, f"attack {cls.name!r}")
 
     def __init__(self, spec: AttackSpec) -> None:
         if spec.name != self.name:

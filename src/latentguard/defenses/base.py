@@ -22,7 +22,7 @@ from torch import nn
 
 from latentguard.data import Images
 from latentguard.device import resolve_device, seed_everything
-from latentguard.errors import SpecError
+from latentguard.errors import SpecError, build_params
 
 KINDS = ("removal", "runtime", "detection")
 
@@ -89,16 +89,7 @@ class Defense(ABC):
     Params: ClassVar[type]
 
     def __init__(self, **params: Any) -> None:
-        known = {f.name for f in dataclasses.fields(self.Params)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise SpecError(
-                f"unknown parameter(s) {', '.join(unknown)} for defense {self.name!r}: allowed are {', '.join(sorted(known))}"
-            )
-        try:
-            self.params = self.Params(**params)
-        except TypeError as exc:
-            raise SpecError(f"bad parameters for defense {self.name!r}: {exc}") from exc
+        self.params = build_params(self.Params, params, f"defense {self.name!r}")
 
     def run(self, model: nn.Module, clean: Images, *, device: str | torch.device | None = "auto",
             seed: int = 0) -> DefenseResult:

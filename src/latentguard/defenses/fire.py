@@ -1105,11 +1105,10 @@ class _Observed:
     (the backdoor's, as far as the defender can tell; no clean prediction is known, so none counts as restored).
     """
 
-    def __init__(self, wrapper: RepairedModel, x_triggered: torch.Tensor, batch_size: int, dev: torch.device,
-                 x_clean: torch.Tensor | None = None) -> None:
-        got = _predict(wrapper.model, x_triggered, batch_size, dev)
-        if x_clean is not None:
-            want = _predict(wrapper.model, x_clean, batch_size, dev)
+    def __init__(self, wrapper: RepairedModel, x_triggered: torch.Tensor, got: torch.Tensor, want: torch.Tensor | None,
+                 batch_size: int, dev: torch.device) -> None:
+        """``got``: the unrepaired predictions of ``x_triggered``; ``want``: those of their clean partners (paired)."""
+        if want is not None:
             keep = got != want
         else:
             keep = got == torch.mode(got).values if got.numel() else got.bool()
@@ -1213,9 +1212,9 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
     wrapper.set_alpha(chosen_a)
     info.update(folds=folds, cv_acc_before=base_correct / n, cv_acc_after=acc, synthetic_flipped=flipped,
                 synthetic_restored=rest, tolerance=float(tolerance), candidates=tried)
-    if observed is not None:
-        info.update(observed_flipped=observed.flipped, observed_left=best[0][0] if best[0] else float("nan"),
-                    observed_restored=best[0][1] if best[0] else float("nan"))
+    if observed is not None:  # the chosen candidate's key starts with its (left, restored) shares
+        key = best[0] or (float("nan"), float("nan"))
+        info.update(observed_flipped=observed.flipped, observed_left=key[0], observed_restored=key[1])
     return float(chosen_q)
 
 
@@ -1319,7 +1318,8 @@ def repair(
     directions: dict[str, torch.Tensor] = {}
     info: dict[str, Any] = {"source": source, "rule": rule, "gate": gate, "layers": names}
     source_dirs: torch.Tensor | None = None
-    suspicious: tuple[torch.Tensor, torch.Tensor | None] | None = None  # real (triggered, clean partner) images
+    # the defender's real suspicious images with their unrepaired predictions and, paired, their clean partners'
+    suspicious: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     if source in ("qp", "centroid"):
         head = fm.head
         pen = _resolve_sites(model, [PENULTIMATE], fm.head_name)
@@ -1375,17 +1375,17 @@ def repair(
                 f"paired source needs one triggered image per clean image: got {xc.shape[0]} clean and "
                 f"{xt.shape[0]} triggered (pass poisoned=(clean_images, triggered_images))"
             )
-        ac, _ = _collect(model, sites, xc, batch_size, dev)
-        at, _ = _collect(model, sites, xt, batch_size, dev)
+        ac, logits_c = _collect(model, sites, xc, batch_size, dev)
+        at, logits_t = _collect(model, sites, xt, batch_size, dev)
         for site in sites:
             beta = paired_direction(ac[site.name], at[site.name], method=paired_method)
             directions[site.name] = beta.reshape(1, *shapes[site.name]).float()
         info["pairs"] = int(xc.shape[0])
-        suspicious = (xt, xc)
+        suspicious = (xt, logits_t.argmax(dim=1), logits_c.argmax(dim=1))
     else:
         xs = _check_images(poisoned, x_fit, "poisoned")
         views = torch.cat([xs, _augmented(xs, augment, gen, clean.hflip)]) if augment else xs
-        a_sus, _ = _collect(model, sites, views, batch_size, dev)
+        a_sus, logits_sus = _collect(model, sites, views, batch_size, dev)
         a_clean, _ = _collect(model, sites, x_fit, batch_size, dev)
         a_aug = _collect(model, sites, _augmented(x_fit, 1, gen, clean.hflip), batch_size, dev)[0] if augment else None
         for site in sites:
@@ -1395,7 +1395,7 @@ def repair(
             beta = unpaired_direction(ref[None], a_sus[site.name])
             directions[site.name] = beta.reshape(1, *shapes[site.name]).float()
         info.update(suspicious=int(xs.shape[0]), augmented_views=int(augment))
-        suspicious = (xs, None)
+        suspicious = (xs, logits_sus[: xs.shape[0]].argmax(dim=1), None)  # the views start with xs itself
 
     # ---------------------------------------------------------------- statistics, α and quantile
     q0 = float(quantile) if quantile is not None else DEFAULT_QUANTILE
@@ -1409,8 +1409,7 @@ def repair(
     elif alpha is not None:
         wrapper.set_alpha(float(alpha))
     if choose and wrapper.active:
-        observed = (_Observed(wrapper, suspicious[0], batch_size, dev, x_clean=suspicious[1])
-                    if suspicious is not None else None)
+        observed = _Observed(wrapper, *suspicious, batch_size, dev) if suspicious is not None else None
         q0 = _choose(wrapper, x_fit, y_fit, info, alpha=alpha, quantile=quantile, tolerance=tolerance, folds=folds,
                      seed=seed, batch_size=batch_size, dev=dev, observed=observed)
     wrapper.calibrate(clean, quantile=q0, batch_size=batch_size, seed=seed)
