@@ -243,6 +243,32 @@ def test_source_surrogate_unlearns_each_sources_own_perturbation(backdoored):
     assert torch.equal(own, shift) and torch.equal(common, shared_state.shifts(y)[0])
 
 
+def test_shift_scales_are_uniform_between_one_and_kappa():
+    like = torch.zeros(1)
+    assert tac.shift_scales(5, 1.0, like) == 1.0  # κ = 1: exactly s_p, the paper
+    torch.manual_seed(0)
+    c = tac.shift_scales(4000, 3.0, like)
+    assert c.shape == (4000, 1) and float(c.min()) >= 1.0 and float(c.max()) <= 3.0
+    assert abs(float(c.mean()) - 2.0) < 0.05 and float(c.std()) > 0.5
+
+
+def test_shift_scale_unlearns_the_far_side_of_the_boundary(backdoored):
+    """κ > 1 also unlearns c·s_p beyond p's boundary; κ = 1 leaves 2·s_p mapped to p (digits: 89 % vs 28 %)."""
+    kw = dict(epochs=2, batch_size=64, targets=[TARGET])
+    cpu = torch.device("cpu")
+    s_p = torch.as_tensor(tac.solve_tac(tac.feature_model(backdoored.model, backdoored.reserve, cpu),
+                                        backdoored.reserve, device=cpu).perturbations[TARGET], dtype=torch.float32)
+
+    def still_mapped_to_p(kappa: float) -> float:
+        result = make_defense("tac", shift_scale=kappa, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+        assert result.params["shift_scale"] == kappa
+        fm = tac.feature_model(result.model, backdoored.reserve, cpu)
+        z = tac.clean_latents(fm, backdoored.reserve, device=cpu)
+        return float((fm.head(z + 2.0 * s_p).argmax(1) == TARGET).float().mean())
+
+    assert still_mapped_to_p(2.5) < still_mapped_to_p(1.0) - 0.3
+
+
 def test_zero_epochs_leave_the_weights_equal(backdoored):
     result = make_defense("tac", epochs=0).run(backdoored.model, backdoored.reserve, device="cpu")
     assert result.extra["targets"] == [TARGET] and result.extra["history"]["epochs"] == []
@@ -272,6 +298,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"class_margin": -1}, "tac: parameter class_margin must be a number >= 0"),
     ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
     ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),
+    ({"shift_scale": 0.5}, "tac: parameter shift_scale must be a number >= 1"),
     ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),
     ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),
     ({"targets": [-1]}, "tac: parameter targets must be a list of class indices"),
