@@ -128,3 +128,29 @@ def test_reserve_of_a_clean_label_attack_that_poisoned_a_whole_class():
         zoo.defender_reserve(train, 0.1, 0, poisoned, clean_label=False)  # a relabelling attack: never
     plain, none = zoo.defender_reserve(train, 0.1, 0, some, clean_label=True)
     assert none == [] and not set(plain.tolist()) & set(some.tolist())
+
+
+def _record(dataset, attack, defense, acc, asr):
+    return {"key": bench.cell_key(dataset, attack, defense), "dataset": dataset, "attack": attack,
+            "defense": defense, "acc_before": 0.82, "asr_before": 0.946, "acc": acc, "asr": asr, "der": 0.5,
+            "seconds": 1.0}
+
+
+def test_cifar10_tables_put_backdoorbench_published_figures_beside_ours(tmp_path):
+    recs = [_record("cifar10", "badnets", "ft", 0.814, 0.862), _record("cifar10", "badnets", "tac", 0.795, 0.092),
+            _record("cifar10", "blend", "ft", 0.812, 1.0), _record("gtsrb", "badnets", "ft", 0.97, 0.5)]
+    (tmp_path / bench.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    text = bench.write_tables(tmp_path).read_text()
+    cifar, gtsrb = text.split("## gtsrb")
+    section = cifar.split("### Beside BackdoorBench's published figures")[1]
+    assert "BackdoorBench" not in gtsrb and " · " not in gtsrb  # CIFAR-10 only
+    lines = {line.split(" | ")[0]: line for line in section.splitlines() if line.startswith("| ")}
+    # published: FT on BadNets 89.96 / 1.48, on Blended 92.78 / 96.11; undefended BadNets 91.3 / 95.0
+    assert lines["| ft"] == "| ft | 81.4 / 86.2 · 90.0 / 1.5 | 81.2 / 100.0 · 92.8 / 96.1 |"
+    assert "82.0 / 94.6 · 91.3 / 95.0" in lines["| no defense"]
+    assert "| tac" not in lines  # no published figure for TAC: no row
+
+
+def test_no_comparison_section_without_a_shared_cell(tmp_path):
+    (tmp_path / bench.RESULTS).write_text(json.dumps(_record("cifar10", "badnets", "tac", 0.8, 0.1)) + "\n")
+    assert "BackdoorBench" not in bench.write_tables(tmp_path).read_text()

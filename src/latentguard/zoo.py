@@ -20,16 +20,7 @@ from typing import Any
 import numpy as np
 
 from latentguard.errors import LatentGuardError
-
-# BackdoorBench's published no-defense figures (CIFAR-10, PreAct-ResNet18, 10 % poisoning): ACC, ASR in %.
-BACKDOORBENCH_CIFAR10 = {
-    "badnets": (91.3, 95.0),
-    "blend": (93.5, 99.9),
-    "sig": (84.5, 98.3),
-    "wanet": (91.2, 89.7),
-    "inputaware": (90.7, 98.3),
-    "lf": (93.2, 99.3),
-}
+from latentguard.published import BACKDOORBENCH_CIFAR10
 
 
 @dataclass
