@@ -9,7 +9,8 @@ For each zoo cell named, TAC removal runs with its defaults on the cell's clean 
 - the trigger's latent change along the *original* s_p, in units of ‖s_p‖, before and after removal
   (does fine-tuning make the features stop producing the change, or the head stop reading it?);
 - blinding the undefended head along s_p (W ← W (I − ŝŝᵀ), no training) as a reference for how much of the
-  backdoor runs along s_p at all.
+  backdoor runs along s_p at all, with the accuracy on the target class's own clean test images: s_p also
+  carries p's clean evidence, so blinding it amounts to no longer predicting p, which zeroes any ASR trivially.
 
 Test images serve only to explain the remaining ASR; no parameter is chosen here.
 
@@ -64,6 +65,9 @@ def analyse(zoo: Path, dataset: str, attack: str, data_root: str) -> dict:
             z_all, _ = extract_features(fm, x_all, device="cpu")
             out["blind_acc"] = float(((z_all @ blind.T + b).argmax(1) == y_all).float().mean())
             out["blind_asr"] = float(((zt @ blind.T + b).argmax(1) == p).float().mean())
+            of_p = y_all == p
+            out["target_acc"] = float(((z_all[of_p] @ w.T + b).argmax(1) == p).float().mean())
+            out["blind_target_acc"] = float(((z_all[of_p] @ blind.T + b).argmax(1) == p).float().mean())
             continue
         margin = lambda logits: logits[:, p] - torch.cat([logits[:, :p], logits[:, p + 1:]], 1).amax(1)  # noqa: E731
         push = (margin(lt) - margin(lc)).numpy()
@@ -99,14 +103,16 @@ def main() -> None:
              "\"Gap\": max logit − logit_p on the clean copy. \"Along s_p\": median latent change of the trigger along "
              "the undefended model's s_p, in units of ‖s_p‖.", "",
              "| cell | ASR before → after % | push after: still sent / not sent | ASR % by gap quartile (small → large gap) "
-             "| clean copies sent to p % | along s_p before → after | head blinded along s_p, no training: ACC / ASR % |",
-             "|---|---|---|---|---|---|---|"]
+             "| clean copies sent to p % | along s_p before → after | head blinded along s_p, no training: ACC / ASR % "
+             "| accuracy on class p's clean test images, undefended → blinded % |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         sent = "–" if r["push_sent"] is None else f"{r['push_sent']:.1f}"
         lines.append(f"| {r['dataset']} {r['attack']} | {pct(r['asr_before'])} → {pct(r['asr_after'])} | {sent} / "
                      f"{r['push_other']:.1f} | {' / '.join(pct(v) for v in r['asr_by_gap_quartile'])} | "
                      f"{pct(r['clean_sent_to_p'])} | {r['along_before']:.2f} → {r['along_after']:.2f} | "
-                     f"{pct(r['blind_acc'])} / {pct(r['blind_asr'])} |")
+                     f"{pct(r['blind_acc'])} / {pct(r['blind_asr'])} | {pct(r['target_acc'])} → "
+                     f"{pct(r['blind_target_acc'])} |")
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     print("\n".join(lines))
