@@ -77,15 +77,13 @@ def run(out: str | Path = "demo-out", *, device: str = "auto", seed: int = 0, pr
         rows.append(("TAC removal (fine-tuned)", removed.to_dict(), tac.seconds))
         save_model(tac.model.cpu(), tmp / "removed", backdoored.arch_config)
 
-        try:
-            fire = make_defense("fire").run(backdoored, reserve, device=dev, seed=seed)
-        except Exception as exc:  # FIRE is optional in the demo only while it is being built
-            if type(exc).__name__ != "SpecError":
-                raise
-            fire = None
-        if fire is not None:
-            repaired = evaluate(fire.model, splits.test, backdoor_set=backdoor_set, device=dev)
-            rows.append(("FIRE repair (weights untouched)", repaired.to_dict(), fire.seconds))
+        fire = make_defense("fire").run(backdoored, reserve, device=dev, seed=seed)
+        repaired = evaluate(fire.model, splits.test, backdoor_set=backdoor_set, device=dev)
+        rows.append(("FIRE repair (weights untouched)", repaired.to_dict(), fire.seconds))
+        if "quantile" in fire.extra:  # flagged: say what the reserve chose
+            alphas = ", ".join(f"{v:g}" for v in fire.extra["alphas"].values())
+            console.print(f"FIRE chose, on the reserve: strength α {alphas}, gate quantile "
+                          f"{fire.extra['quantile']:g} (cross-fitted clean accuracy {fire.extra['cv_acc_after']:.3f})")
 
         table = Table(title="latentguard demo: digits, small_cnn, BadNets")
         for col in ("model", "ACC %", "ASR %", "RA %", "seconds"):
