@@ -43,7 +43,7 @@ from latentguard.defenses import make_defense
 from latentguard.defenses.fire import repair
 from latentguard.evaluation import evaluate
 from latentguard.models import load_model
-from latentguard.zoo import cell_dir, data_spec_for, default_zoo_root, is_done
+from latentguard.zoo import cell_dir, cell_reserve, data_spec_for, default_zoo_root, is_done
 
 ATTACKS = ("badnets", "blend", "wanet", "sig", "trojannn", "lf", "inputaware", "lira")
 SIZES = (10, 50, 200)
@@ -64,8 +64,7 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
     cell = cell_dir(zoo, dataset, attack)
     model = load_model(str(cell / "model.json")).eval()
     splits = load_data(spec)
-    reserve_idx = np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"])
-    reserve = splits.train.subset(reserve_idx)
+    reserve = cell_reserve(cell, splits.train)
     poisoned_idx = np.asarray(json.loads((cell / "poisoned_indices.json").read_text())["indices"])
     atk = load_attack(cell / "attack.json")
     bd = atk.get_backdoor_test_set(splits.test)

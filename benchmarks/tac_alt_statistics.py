@@ -35,7 +35,7 @@ from latentguard.defenses.tac import clean_latents, feature_model
 from latentguard.latent.outliers import anomaly_index
 from latentguard.latent.qp import minimal_flip_perturbations, pairwise_flip_perturbations
 from latentguard.models import load_model
-from latentguard.zoo import data_spec_for, default_zoo_root
+from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
 
 LEARNED = 0.5  # undefended ASR from which a backdoor counts as learned
 RIDGE = 1e-3  # added to the clean covariance before whitening
@@ -103,7 +103,7 @@ def main() -> None:
             continue
         if loaded is None or loaded[0] != dataset:
             loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
-        reserve = loaded[1].train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
+        reserve = cell_reserve(cell, loaded[1].train)
         model = load_model(str(cell / "model.json")).eval()
         fm = feature_model(model, reserve, device=torch.device("cpu"))
         z = clean_latents(fm, reserve, device="cpu").double().numpy()

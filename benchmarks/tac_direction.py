@@ -31,7 +31,7 @@ from latentguard.data import load_data
 from latentguard.defenses.tac import feature_model
 from latentguard.latent.qp import minimal_flip_perturbations, pairwise_flip_perturbations
 from latentguard.models import extract_features, load_model
-from latentguard.zoo import data_spec_for, default_zoo_root
+from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
 
 
 def direction_stats(z: torch.Tensor, z_trig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -90,7 +90,7 @@ def main() -> None:
         if loaded is None or loaded[0] != dataset:
             loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
         train = loaded[1].train
-        full = train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
+        full = cell_reserve(cell, train)
         keep = np.flatnonzero(full.y != attack.spec.target)  # images the trigger must move to p
         reserve = full.subset(keep)
         model = load_model(str(cell / "model.json")).eval()

@@ -31,13 +31,13 @@ from latentguard.data import load_data
 from latentguard.defenses import make_defense, tac
 from latentguard.inference import to_float_images
 from latentguard.models import extract_features, load_model
-from latentguard.zoo import cell_dir, data_spec_for, default_zoo_root
+from latentguard.zoo import cell_dir, cell_reserve, data_spec_for, default_zoo_root
 
 
 def analyse(zoo: Path, dataset: str, attack: str, data_root: str) -> dict:
     cell = cell_dir(zoo, dataset, attack)
     splits = load_data(data_spec_for(dataset, data_root))
-    reserve = splits.train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
+    reserve = cell_reserve(cell, splits.train)
     model = load_model(str(cell / "model.json")).eval()
     atk = load_attack(cell / "attack.json")
     x_trig, y_attack, _ = atk.get_backdoor_test_set(splits.test)

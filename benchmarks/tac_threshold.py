@@ -23,7 +23,7 @@ import torch
 from latentguard.data import load_data
 from latentguard.defenses.tac import DEFAULT_THRESHOLD, clean_latents, feature_model, latent_report
 from latentguard.models import load_model
-from latentguard.zoo import data_spec_for, default_zoo_root
+from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
 
 LEARNED = 0.5  # undefended ASR from which a backdoor counts as learned
 # (statistic, quantile) settings compared; the first is TAC's default
@@ -46,7 +46,7 @@ def main() -> None:
         if loaded is None or loaded[0] != dataset:
             loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
         train = loaded[1].train
-        reserve = train.subset(np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"]))
+        reserve = cell_reserve(cell, train)
         model = load_model(str(cell / "model.json")).eval()
         fm = feature_model(model, reserve, device=torch.device("cpu"))
         z = clean_latents(fm, reserve, device="cpu")  # once per model

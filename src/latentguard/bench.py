@@ -57,14 +57,13 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
     from latentguard.defenses import make_defense
     from latentguard.evaluation import evaluate
     from latentguard.models import load_model
-    from latentguard.zoo import cell_dir
+    from latentguard.zoo import cell_dir, cell_reserve
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cell = cell_dir(zoo_root, dataset, attack)
     model = load_model(str(cell / "model.json"))
     splits = load_data(data_spec)
-    reserve_idx = np.asarray(json.loads((cell / "reserve_indices.json").read_text())["indices"])
-    reserve = splits.train.subset(reserve_idx)
+    reserve = cell_reserve(cell, splits.train)
     if clean_fraction is not None:
         reserve = reserve.subset(reserve_share(reserve, len(splits.train), clean_fraction, seed))
     atk = load_attack(cell / "attack.json") if (cell / "attack.json").exists() else None

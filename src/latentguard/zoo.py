@@ -73,6 +73,13 @@ def cell_dir(root: str | Path, dataset: str, cell: str) -> Path:
     return Path(root) / dataset / cell
 
 
+def cell_reserve(cell: str | Path, train):
+    """The defender's clean reserve of a zoo cell: its ``reserve_indices.json`` applied to the training split."""
+    import json
+
+    return train.subset(np.asarray(json.loads((Path(cell) / "reserve_indices.json").read_text())["indices"]))
+
+
 def is_done(path: Path) -> bool:
     return (path / "metrics.json").is_file()
 
