@@ -7,7 +7,10 @@ the variants differ in what else they get:
 - ``qp``: nothing else (the default: the TAC flip perturbation ``s_p`` of the detected class, then the
   per-source stage, which also moves each flagged input back along the TAC perturbation ``s_{a→p}`` of its
   likely source class ``a``);
-- ``qp-shared``: the same without the per-source stage (``per_source=False``; the default before it);
+- ``qp-restored``: ``qp`` with the earlier choice of α and quantile (``select="restored"``: synthetic inputs
+  ``x + β`` brought back to their clean prediction, against ``"left"``, the default: ``x + β`` and ``x + 2β``
+  moved off the prediction the synthetic trigger caused);
+- ``qp-shared``: ``qp`` without the per-source stage (``per_source=False``; the default before it);
 - ``centroid``: nothing else (the clean class-mean offset of the detected class);
 - ``paired-N``: triggered copies of N reserve images drawn at random (seeded; the attack's own trigger). The
   reserve is stored in class order, so its first N images would all be of class 0, the target: triggered
@@ -50,7 +53,7 @@ SIZES = (10, 50, 200)
 
 
 def variants() -> list[str]:
-    return ["qp", "qp-shared", "centroid"] + [f"{kind}-{n}" for kind in ("paired", "unpaired") for n in SIZES] + ["strip"]
+    return ["qp", "qp-restored", "qp-shared", "centroid"] + [f"{kind}-{n}" for kind in ("paired", "unpaired") for n in SIZES] + ["strip"]
 
 
 def append(path: Path, rec: dict) -> None:
@@ -92,8 +95,9 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
             rec["seconds"] = result.seconds
         else:
             kind, _, n = variant.partition("-")
-            kind = "qp" if variant == "qp-shared" else kind
+            kind = "qp" if variant in ("qp-shared", "qp-restored") else kind
             per_source = False if variant == "qp-shared" else None
+            select = "restored" if variant == "qp-restored" else "left"
             poisoned = None
             if kind == "paired":
                 drawn = reserve.subset(np.sort(pairs_order[: int(n)]))
@@ -104,11 +108,11 @@ def run_cell(zoo: Path, dataset: str, spec: str, attack: str, todo: list[str], a
                 rec["n_poisoned"] = len(chosen)
                 poisoned = torch.from_numpy(atk.apply_images(splits.train, chosen)).permute(0, 3, 1, 2)
             wrapper = repair(model, reserve, source=kind, poisoned=poisoned, tolerance=args.tolerance,
-                             device=args.device, seed=args.seed, per_source=per_source)
+                             device=args.device, seed=args.seed, per_source=per_source, select=select)
             rec["seconds"] = time.perf_counter() - t0
             after = evaluate(wrapper, splits.test, backdoor_set=bd, device=args.device)
             rec.update(acc=after.acc, asr=after.asr, ra=after.ra, targets=list(wrapper.targets),
-                       alpha=wrapper.alphas, quantile=wrapper.quantile, der=metrics.defense_effectiveness_rating(
+                       alpha=wrapper.alphas, quantile=wrapper.quantile, select=select, der=metrics.defense_effectiveness_rating(
                            before.acc, before.asr, after.acc, after.asr))
             score = wrapper.score if wrapper.active else None
         if score is not None:

@@ -366,6 +366,35 @@ def test_fire_defense_runs_on_the_clean_reserve(tiny):
         make_defense("fire", alpha=-1.0)
 
 
+def test_synthetic_selection_counts_what_asr_counts(tiny):
+    """``select="left"`` scores a candidate by the synthetic inputs it moves off the prediction their trigger
+    caused (x + β and x + 2β); ``"restored"`` by those of x + β brought back to their clean prediction."""
+    model, clean, x = tiny
+    wrapper = repair(model, clean, target=1, alpha=1.0, quantile=0.9, per_source=False, device="cpu")
+    held = fire._Inputs(wrapper, x, 64, torch.device("cpu"))
+    base = held.predict(repaired=False)
+    left = fire._Restoration(wrapper, held, base, "left")
+    restored = fire._Restoration(wrapper, held, base, "restored")
+    assert len(left.cases) == 2 and len(restored.cases) == 1  # scales (1, 2) against (1,)
+    assert left.flipped > restored.flipped > 0
+    beta = wrapper.directions["penultimate"][0]
+    for (_hook, xs, ys, bad), scale in zip(left.cases, fire.SYNTHETIC_SCALES, strict=True):
+        z = _head_input(model, model, xs.x) + scale * beta  # the synthetic trigger, computed by hand
+        assert torch.equal(bad, model.fc(z).argmax(1)) and bool((bad != ys).all())
+    wrapper.set_alpha(0.0)  # no repair: nothing undone
+    assert left.count() == restored.count() == 0
+    for a in (1.0, 4.0, 16.0):
+        wrapper.set_alpha(a)
+        # every input restored to its clean prediction has also left the triggered one
+        assert left.count() >= restored.count()
+    wrapper.set_alpha(16.0)
+    assert left.count() > 0
+    with pytest.raises(SpecError, match="select"):
+        repair(model, clean, target=1, select="best", device="cpu")
+    with pytest.raises(SpecError, match="select"):
+        make_defense("fire", select="best")
+
+
 @pytest.mark.parametrize("source", ["qp", "centroid"])
 @pytest.mark.parametrize("rule", ["gated", "constant"])
 def test_fast_choice_on_head_latents_matches_full_passes(tiny, monkeypatch, rule, source):
@@ -433,12 +462,18 @@ def test_digits_gated_repair_lowers_asr_and_keeps_acc(digits_badnets):
     model, clean, test, _, backdoor, before = digits_badnets
     wrapper = repair(model, clean, target=0, device="cpu")  # α and quantile chosen on the clean reserve
     after = evaluate(wrapper, test, backdoor_set=backdoor, device="cpu")
-    assert wrapper.per_source  # the default at the penultimate layer
-    assert after.asr < 0.5 * before.asr
+    assert wrapper.per_source and wrapper.info["select"] == "left"  # the defaults at the penultimate layer
+    assert after.asr < 0.2 * before.asr
     assert after.acc >= before.acc - 0.03
-    assert after.ra > before.ra + 0.3  # triggered inputs get their true label back
     assert _auroc(wrapper, test, backdoor) > 0.9
     assert wrapper.info["cv_acc_after"] >= wrapper.info["cv_acc_before"] - 0.02
+    # the earlier rule stops at a smaller α: more triggered inputs get their true label back, more stay on p
+    restoring = repair(model, clean, target=0, select="restored", device="cpu")
+    kept = evaluate(restoring, test, backdoor_set=backdoor, device="cpu")
+    assert restoring.alphas["penultimate"] < wrapper.alphas["penultimate"]
+    assert kept.ra > before.ra + 0.3 and kept.ra > after.ra
+    assert after.asr < kept.asr < 0.5 * before.asr
+    assert kept.acc >= before.acc - 0.03
 
 
 def test_digits_shared_stage_alone_lowers_asr_and_keeps_acc(digits_badnets):
@@ -462,7 +497,7 @@ def test_digits_paired_and_online_refinement(digits_badnets):
     assert info["observed_flipped"] == flips > 0
     feasible = [c for c in info["candidates"] if c["ok"]]
     best = max(feasible, key=lambda c: (round(c["observed_left"], 9), round(c["observed_restored"], 9),
-                                        round(c["restored"], 9), -c["alpha"], c["quantile"]))
+                                        round(c["synthetic"], 9), -c["alpha"], c["quantile"]))
     assert (paired.alphas["penultimate"], paired.quantile) == (best["alpha"], best["quantile"])
     assert info["observed_left"] == pytest.approx(best["observed_left"]) and best["observed_left"] > 0.5
     assert info["observed_restored"] == pytest.approx(best["observed_restored"])

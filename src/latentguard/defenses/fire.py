@@ -95,9 +95,25 @@ predicted-class ones. On the same models ``source="centroid"`` gives 0.961 / 0.3
 Choosing ``α`` and ``quantile`` (clean data only): ``folds``-fold cross-fitting on the clean reserve — for
 each fold the statistics are fitted on the other folds and every candidate (quantile × α) is applied to the
 fold. A candidate is feasible when its clean accuracy stays within ``tolerance`` of the undefended model's;
-among the feasible ones the one that best *restores synthetic backdoor inputs* wins: the direction itself is
-added to the fold's activations (``x + β``), and of the inputs this flips, the fraction the repair brings back
-to their clean prediction is counted (ties: smaller α, then higher quantile). With the paired or unpaired
+among the feasible ones the one that best *undoes synthetic backdoor inputs* wins: the direction itself, once
+and twice, is added to the fold's activations (``x + β``, ``x + 2β``; a real trigger moves the latent 1.1–2.3×
+as far as the minimal flip), and of the inputs this flips, the fraction the repair moves off the prediction
+the synthetic trigger caused is counted, as ASR counts (ties: smaller α, then higher quantile). The earlier
+rule, ``select="restored"``, added ``x + β`` alone and counted the inputs brought back to their clean
+prediction; its share falls once α overshoots along ``β`` (past the clean class), while a real trigger, which
+also moves the latent across ``β``, needs that overshoot, so it chose α 1–2 where the backdoor needed more. On
+18 digits models (``small_cnn`` width 16, 12 epochs, target 0, a reserve of 20 % of the training set, seeds
+0–5; a development set, not the zoo) ``"left"`` brings BadNets' mean test ASR from 24.0 to 11.2 % and
+Blend's from 54.0 to 23.9 % (worse on none of the 12), at 1.9 and 1.2 points of ACC against 1.6 and 1.3; on
+SIG models whose backdoor did not take (ASR ≤ 6 %) it spends 1.6 points against 0.9. The price is RA: the
+larger α sends triggered inputs past their clean class into others (mean RA 49 → 34 % BadNets, 29 → 16 %
+Blend). On the zoo (``benchmarks/fire_zoo/``, rows ``qp`` against ``qp-restored``, one seed) the two rules choose
+the same α on three of the nine flagged models (CIFAR-10 BadNets, WaNet, TrojanNN) and ``"left"`` a larger one
+on the other six; GTSRB TrojanNN goes from 97.7 / 10.0 / 21.8 to 97.6 / 0.0 / 1.7
+(ACC / ASR / RA %), GTSRB BadNets keeps ASR 1.2 % with RA 63.0 → 27.8 %, GTSRB WaNet 37.4 → 35.5 %, CIFAR-10
+InputAware 36.2 → 35.5 %, and GTSRB Blend costs 0.3 more points of ACC (ASR 0.0 % with both).
+``select="restored"`` is the choice when triggered inputs must get their own label
+back rather than just lose the attacker's. With the paired or unpaired
 source the defender's real suspicious inputs rank first: the share the repair moves off the backdoor's
 prediction (paired: of the triggered copies the backdoor flips; unpaired: of the suspicious images predicted as
 their most frequent class), then, paired only, the share brought back to the clean partner's prediction; the
@@ -164,6 +180,7 @@ __all__ = [
     "GATES",
     "PENULTIMATE",
     "RULES",
+    "SELECTIONS",
     "SOURCES",
     "Fire",
     "RepairedModel",
@@ -176,6 +193,7 @@ PENULTIMATE = "penultimate"
 RULES = ("gated", "constant")
 GATES = ("neutral", "predicted")
 SOURCES = ("qp", "centroid", "paired", "unpaired")
+SELECTIONS = ("left", "restored")
 FORMAT = "latentguard.fire/1"
 
 #: Candidate strengths. The QP direction is the *smallest* shift that flips the clean data, so a real trigger
@@ -186,8 +204,11 @@ ALPHAS_MEASURED = (0.25, 0.5, 0.75, 1.0)
 QUANTILES = (0.9, 0.95, 0.99, 1.0)
 DEFAULT_QUANTILE = 0.99
 MAX_CALIBRATION = 2048
-#: Strengths ``c`` of the synthetic triggers ``x + c·β`` that choose α (1.5 and 2 were tried on digits: no better).
-SYNTHETIC_SCALES = (1.0,)
+#: Strengths ``c`` of the synthetic triggers ``x + c·β`` that choose α under ``select="left"``: the minimal flip
+#: and twice it (a real trigger moves the latent 1.1–2.3× as far as ``s_p``, ``benchmarks/tac_direction.md``).
+SYNTHETIC_SCALES = (1.0, 2.0)
+#: ``select="restored"`` (the rule before ``"left"``): the minimal flip alone, counted back to the clean prediction.
+RESTORED_SCALES = (1.0,)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1064,17 +1085,23 @@ def _adding(site: _Site, vec: torch.Tensor) -> tuple[_Site, Callable]:
 
 
 class _Restoration:
-    """Clean-only proxy of how well a repair undoes a backdoor: add each direction to the holdout's
-    activations (a synthetic trigger), keep the inputs this flips, count how many the repair restores."""
+    """Clean-only proxy of how well a repair undoes a backdoor: add each direction, times each scale, to the
+    holdout's activations (a synthetic trigger) and keep the inputs this flips. ``select="left"`` counts how
+    many the repair moves off the prediction the synthetic trigger caused (what ASR counts), ``"restored"``
+    how many it brings back to their clean prediction (an overshoot past the clean class then counts against)."""
 
-    def __init__(self, wrapper: RepairedModel, held: _Inputs, base: torch.Tensor) -> None:
-        self.cases: list[tuple[tuple[_Site, Callable], _Inputs, torch.Tensor]] = []
+    def __init__(self, wrapper: RepairedModel, held: _Inputs, base: torch.Tensor, select: str = "left") -> None:
+        self.select = select
+        scales = SYNTHETIC_SCALES if select == "left" else RESTORED_SCALES
+        # (hook, flipped inputs, their clean predictions, their predictions under the synthetic trigger)
+        self.cases: list[tuple[tuple[_Site, Callable], _Inputs, torch.Tensor, torch.Tensor]] = []
         for i, site in enumerate(wrapper._sites):
-            for k, scale in itertools.product(range(wrapper._buf("beta", i).shape[0]), SYNTHETIC_SCALES):
+            for k, scale in itertools.product(range(wrapper._buf("beta", i).shape[0]), scales):
                 hook = _adding(site, scale * wrapper._buf("beta", i)[k])
-                flipped = held.predict([hook], repaired=False) != base
+                triggered = held.predict([hook], repaired=False)
+                flipped = triggered != base
                 if bool(flipped.any()):
-                    self.cases.append((hook, held.subset(flipped), base[flipped]))
+                    self.cases.append((hook, held.subset(flipped), base[flipped], triggered[flipped]))
         if wrapper.per_source:  # each input of class a also gets its own source's s_{a→p}
             site, src = wrapper._sites[0], wrapper._buf("srcbeta", 0)
             for k, a in itertools.product(range(src.shape[0]), range(src.shape[1])):
@@ -1083,17 +1110,20 @@ class _Restoration:
                     continue
                 hook = _adding(site, src[k, a])
                 sub, ys = held.subset(mine), base[mine]
-                flipped = sub.predict([hook], repaired=False) != ys
+                triggered = sub.predict([hook], repaired=False)
+                flipped = triggered != ys
                 if bool(flipped.any()):
-                    self.cases.append((hook, sub.subset(flipped), ys[flipped]))
+                    self.cases.append((hook, sub.subset(flipped), ys[flipped], triggered[flipped]))
 
     @property
     def flipped(self) -> int:
         return sum(len(c[2]) for c in self.cases)
 
     def count(self) -> int:
-        """How many of the flipped inputs the wrapper's current repair brings back to their clean prediction."""
-        return sum(int((xs.predict([hook]) == ys).sum()) for hook, xs, ys in self.cases)
+        """How many of the flipped inputs the wrapper's current repair undoes (see the class docstring)."""
+        if self.select == "left":
+            return sum(int((xs.predict([hook]) != bad).sum()) for hook, xs, _, bad in self.cases)
+        return sum(int((xs.predict([hook]) == ys).sum()) for hook, xs, ys, _ in self.cases)
 
 
 class _Observed:
@@ -1142,13 +1172,14 @@ def _stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict[str, Any], *,
             alpha: float | Mapping[str, float] | None, quantile: float | None, tolerance: float, folds: int,
-            seed: int, batch_size: int, dev: torch.device, observed: _Observed | None = None) -> float:
+            seed: int, batch_size: int, dev: torch.device, observed: _Observed | None = None,
+            select: str = "left") -> float:
     """Choose α and the quantile by ``folds``-fold cross-fitting on the clean reserve; returns the quantile.
 
     For each fold the statistics are fitted on the other folds and every candidate is scored on the fold:
-    correct predictions, and synthetic backdoor inputs restored (see :class:`_Restoration`). Summed over the
-    folds, a candidate is feasible when its accuracy is within ``tolerance`` of the undefended model's; the
-    feasible candidate restoring most wins, ties to the smaller α and then the higher quantile. When the
+    correct predictions, and synthetic backdoor inputs undone (see :class:`_Restoration`; ``select``). Summed
+    over the folds, a candidate is feasible when its accuracy is within ``tolerance`` of the undefended model's;
+    the feasible candidate undoing most wins, ties to the smaller α and then the higher quantile. When the
     defender holds real suspicious inputs (``observed``: the paired or unpaired source), the share of them moved
     off the backdoor's prediction ranks first, then the share restored to the clean prediction (paired only),
     and the synthetic share breaks the remaining ties: a synthetic trigger x + β only mimics the mean change of
@@ -1176,7 +1207,7 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
             continue
         wrapper.calibrate(x[~test], batch_size=batch_size, seed=seed)
         held = _Inputs(wrapper, x[test], batch_size, dev)
-        restoration = _Restoration(wrapper, held, base[test])
+        restoration = _Restoration(wrapper, held, base[test], select)
         flipped += restoration.flipped
         for iq, q in enumerate(grid_q):
             wrapper.set_quantile(q)
@@ -1198,7 +1229,7 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
             real = seen[iq, ia] / n_seen if n_seen else 1.0
             off = left[iq, ia] / n_seen if n_seen else 1.0
             row = {"quantile": float(q), "alpha": float(a_val), "acc": float(correct[iq, ia] / n),
-                   "restored": float(rest), "ok": bool(ok)}
+                   "synthetic": float(rest), "ok": bool(ok)}
             if n_seen:
                 row.update(observed_restored=float(real), observed_left=float(off))
             tried.append(row)
@@ -1210,8 +1241,8 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
         info["note"] = "no candidate kept the clean accuracy within tolerance: the weakest one is used"
     _, chosen_a, chosen_q, acc, rest = best
     wrapper.set_alpha(chosen_a)
-    info.update(folds=folds, cv_acc_before=base_correct / n, cv_acc_after=acc, synthetic_flipped=flipped,
-                synthetic_restored=rest, tolerance=float(tolerance), candidates=tried)
+    info.update(folds=folds, cv_acc_before=base_correct / n, cv_acc_after=acc, select=select,
+                synthetic_flipped=flipped, synthetic_undone=rest, tolerance=float(tolerance), candidates=tried)
     if observed is not None:  # the chosen candidate's key starts with its (left, restored) shares
         key = best[0] or (float("nan"), float("nan"))
         info.update(observed_flipped=observed.flipped, observed_left=key[0], observed_restored=key[1])
@@ -1240,6 +1271,7 @@ def repair(
     batch_size: int = 256,
     head: str | None = None,
     per_source: bool | None = None,
+    select: str = "left",
 ) -> RepairedModel:
     """Estimate backdoor directions and clean statistics and wrap ``model`` in a :class:`RepairedModel`.
 
@@ -1269,10 +1301,14 @@ def repair(
             inputs whose projection on ``β̂`` exceeds the clean ``quantile``. True needs ``source="qp"``, the
             gated rule and the penultimate layer alone; None (default) turns it on exactly then, for heads
             of up to :data:`~latentguard.defenses.tac.PAIRWISE_MAX_CLASSES` classes.
+        select: how synthetic triggers rank the α / quantile candidates: ``"left"`` (default) counts the
+            inputs of ``x + β`` and ``x + 2β`` moved off the prediction the trigger caused, ``"restored"`` (the
+            earlier rule) those of ``x + β`` brought back to their clean prediction (see :func:`_choose`).
     """
     if not isinstance(clean, Images):
         raise SpecError("clean data must be an Images container: use latentguard.data.as_images(x, y)")
-    for value, allowed, what in ((rule, RULES, "rule"), (gate, GATES, "gate"), (source, SOURCES, "source")):
+    for value, allowed, what in ((rule, RULES, "rule"), (gate, GATES, "gate"), (source, SOURCES, "source"),
+                                 (select, SELECTIONS, "select")):
         if value not in allowed:
             raise SpecError(f"unknown {what} {value!r}: use one of {', '.join(allowed)}")
     if source in ("paired", "unpaired") and poisoned is None:
@@ -1411,7 +1447,7 @@ def repair(
     if choose and wrapper.active:
         observed = _Observed(wrapper, *suspicious, batch_size, dev) if suspicious is not None else None
         q0 = _choose(wrapper, x_fit, y_fit, info, alpha=alpha, quantile=quantile, tolerance=tolerance, folds=folds,
-                     seed=seed, batch_size=batch_size, dev=dev, observed=observed)
+                     seed=seed, batch_size=batch_size, dev=dev, observed=observed, select=select)
     wrapper.calibrate(clean, quantile=q0, batch_size=batch_size, seed=seed)
     wrapper.detection = detection
     info.update(targets=targets, alphas=wrapper.alphas, quantile=wrapper.quantile)
@@ -1581,6 +1617,7 @@ class Fire(Defense):
         folds: int = 4
         head: str | None = None  # name of the output nn.Linear (None: found automatically)
         per_source: bool | None = None  # the per-source stage (None: on for the qp source, gated rule, penultimate layer)
+        select: str = "left"  # how synthetic triggers rank the alpha / quantile candidates ("left" or "restored")
 
         def __post_init__(self) -> None:
             if self.per_source is not None and not isinstance(self.per_source, bool):
@@ -1590,7 +1627,7 @@ class Fire(Defense):
             if self.head is not None and not (isinstance(self.head, str) and self.head):
                 raise SpecError(f"fire: head must be the name of the output nn.Linear, got {self.head!r}")
             for value, allowed, what in ((self.rule, RULES, "rule"), (self.gate, GATES, "gate"),
-                                         (self.source, SOURCES, "source")):
+                                         (self.source, SOURCES, "source"), (self.select, SELECTIONS, "select")):
                 if value not in allowed:
                     raise SpecError(f"fire: {what} must be one of {', '.join(allowed)}, got {value!r}")
             if self.source not in ("qp", "centroid"):
@@ -1613,5 +1650,5 @@ class Fire(Defense):
         p = self.params
         wrapper = repair(model, clean, target=p.target, layer=p.layer, rule=p.rule, gate=p.gate, floor=p.floor,
                          source=p.source, alpha=p.alpha, quantile=p.quantile, tolerance=p.tolerance, folds=p.folds,
-                         device=device, seed=seed, head=p.head, per_source=p.per_source)
+                         device=device, seed=seed, head=p.head, per_source=p.per_source, select=p.select)
         return self._result(wrapper, detection=wrapper.detection, input_score=wrapper.score, extra=dict(wrapper.info))
