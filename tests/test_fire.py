@@ -15,6 +15,7 @@ from latentguard.data import Images, clean_reserve, load_data
 from latentguard.defenses import fire
 from latentguard.defenses.base import make_defense
 from latentguard.defenses.fire import RepairedModel, load_repair, repair, save_repair
+from latentguard.defenses.fire import choice as fire_choice
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
 from latentguard.evaluation import evaluate
 from latentguard.latent.directions import class_projection_stats
@@ -400,13 +401,15 @@ def test_synthetic_selection_counts_what_asr_counts(tiny):
 def test_fast_choice_on_head_latents_matches_full_passes(tiny, monkeypatch, rule, source):
     model, clean, x = tiny
     captured = []
-    capture = fire._head_inputs
-    monkeypatch.setattr(fire, "_head_inputs", lambda *a: captured.append(capture(*a)) or captured[-1])
-    built = {}
+    capture = fire_choice._head_inputs  # patched where _Inputs looks them up (the choice module)
+    monkeypatch.setattr(fire_choice, "_head_inputs", lambda *a: captured.append(capture(*a)) or captured[-1])
+    built, n_captured = {}, {}
     for fast in (True, False):
-        monkeypatch.setattr(fire, "_FAST_CHOICE", fast)
+        monkeypatch.setattr(fire_choice, "_FAST_CHOICE", fast)
         built[fast] = repair(model, clean, target=[1, 2], rule=rule, source=source, batch_size=16, device="cpu")
+        n_captured[fast] = len(captured)
     assert captured and all(c is not None for c in captured)  # the fast run really used cached latents
+    assert n_captured[False] == n_captured[True]  # and the full run really made full passes
     fast, full = built[True], built[False]
     assert fast.alphas == full.alphas and fast.quantile == full.quantile
     assert fast.info["synthetic_flipped"] == full.info["synthetic_flipped"] > 0
