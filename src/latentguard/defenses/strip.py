@@ -45,17 +45,12 @@ from torch import nn
 from latentguard.data import Images
 from latentguard.defenses.base import Defense, DefenseResult, register_defense
 from latentguard.defenses.params import check, is_int, is_real
+from latentguard.device import module_device
 from latentguard.errors import SpecError
 from latentguard.inference import eval_mode, to_float_images
 
 BLENDS = ("add", "average")
 THRESHOLD_RULES = ("normal", "quantile")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 class StripDetector(nn.Module):
@@ -104,7 +99,7 @@ class StripDetector(nn.Module):
     def entropy(self, x: torch.Tensor, *, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Mean prediction entropy (bits) of each input over its N superimposed copies, as a CPU tensor."""
         x = to_float_images(x)
-        dev = _device_of(self.model)
+        dev = module_device(self.model)
         n = self.n_superimpose
         per_chunk = max(1, self.batch_size // n)
         out = []

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from latentguard.data import Images
+from latentguard.device import module_device
 from latentguard.errors import ModelError
 
 
@@ -33,13 +34,6 @@ class ModelTrace:
     def bn_conv(self) -> dict[str, str]:
         return {bn: conv for conv, bn in self.conv_bn.items()}
 
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -76,7 +70,7 @@ def trace_model(model: nn.Module, example: torch.Tensor) -> ModelTrace:
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        model(example.to(_device_of(model)))
+        model(example.to(module_device(model)))
     except Exception as exc:  # user model code: report it as a fixable error
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"the model's forward pass failed on a reserve-shaped input ({msg}): check the model "

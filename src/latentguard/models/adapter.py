@@ -12,7 +12,7 @@ import difflib
 import torch
 from torch import nn
 
-from latentguard.device import resolve_device
+from latentguard.device import module_device, resolve_device
 from latentguard.errors import ModelError
 from latentguard.inference import eval_mode
 
@@ -28,14 +28,6 @@ def named_layer(model: nn.Module, name: str) -> nn.Module:
     shown = close or names[:8]
     more = "" if close or len(names) <= 8 else f" (+{len(names) - 8} more)"
     raise ModelError(f"the model has no layer {name!r}: use one of {', '.join(shown) or '(none)'}{more}")
-
-
-def _param_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def _as_logits(out: object, n: int) -> torch.Tensor:
@@ -125,7 +117,7 @@ def _probe(
             handles.append(module.register_forward_pre_hook(make_hook(name)))
     try:
         with torch.no_grad(), eval_mode(model):
-            out = model(example_input.to(_param_device(model)))
+            out = model(example_input.to(module_device(model)))
     finally:
         for h in handles:
             h.remove()
@@ -213,7 +205,7 @@ def extract_features(
         raise ModelError(f"batch_size must be positive, got {batch_size}")
     if device is not None:
         fm.to(resolve_device(device))
-    dev = _param_device(fm)
+    dev = module_device(fm)
     zs, ls = [], []
     with eval_mode(fm):
         for start in range(0, x.shape[0], batch_size):

@@ -172,7 +172,6 @@ from latentguard.defenses.fire.sites import (  # noqa: F401  (re-exported)
     _flat,
     _hooks,
     _layer_names,
-    _module_device,
     _on,
     _resolve_sites,
     _Site,

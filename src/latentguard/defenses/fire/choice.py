@@ -215,7 +215,7 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
     base_correct = int((base == y).sum())
     fold = torch.from_numpy(_stratified_folds(y.numpy(), folds, seed))
     correct = np.zeros((len(grid_q), len(grid_a)), dtype=np.int64)
-    restored = np.zeros_like(correct)
+    undone = np.zeros_like(correct)
     seen = np.zeros_like(correct)
     left = np.zeros_like(correct)
     flipped = 0
@@ -232,7 +232,7 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
             for ia, a in enumerate(grid_a):
                 wrapper.set_alpha(a)
                 correct[iq, ia] += int((held.predict() == y[test]).sum())
-                restored[iq, ia] += restoration.count()
+                undone[iq, ia] += restoration.count()
                 if observed is not None:
                     back, off = observed.counts()
                     seen[iq, ia] += back
@@ -243,24 +243,24 @@ def _choose(wrapper: RepairedModel, x: torch.Tensor, y: torch.Tensor, info: dict
         for ia, a in enumerate(grid_a):
             a_val = a if isinstance(a, float) else max(a.values())
             ok = correct[iq, ia] >= base_correct - tolerance * n - 1e-6
-            rest = restored[iq, ia] / flipped if flipped else 1.0
+            share = undone[iq, ia] / flipped if flipped else 1.0
             real = seen[iq, ia] / n_seen if n_seen else 1.0
             off = left[iq, ia] / n_seen if n_seen else 1.0
             row = {"quantile": float(q), "alpha": float(a_val), "acc": float(correct[iq, ia] / n),
-                   "synthetic": float(rest), "ok": bool(ok)}
+                   "synthetic": float(share), "ok": bool(ok)}
             if n_seen:
                 row.update(observed_restored=float(real), observed_left=float(off))
             tried.append(row)
-            key = (round(off, 9), round(real, 9), round(rest, 9), -a_val, q)
+            key = (round(off, 9), round(real, 9), round(share, 9), -a_val, q)
             if ok and (best is None or key > best[0]):
-                best = (key, a, q, float(correct[iq, ia] / n), float(rest))
+                best = (key, a, q, float(correct[iq, ia] / n), float(share))
     if best is None:  # nothing within tolerance: the weakest candidate
         best = (None, grid_a[0], grid_q[-1], float("nan"), float("nan"))
         info["note"] = "no candidate kept the clean accuracy within tolerance: the weakest one is used"
-    _, chosen_a, chosen_q, acc, rest = best
+    _, chosen_a, chosen_q, acc, share = best
     wrapper.set_alpha(chosen_a)
     info.update(folds=folds, cv_acc_before=base_correct / n, cv_acc_after=acc, select=select,
-                synthetic_flipped=flipped, synthetic_undone=rest, tolerance=float(tolerance), candidates=tried)
+                synthetic_flipped=flipped, synthetic_undone=share, tolerance=float(tolerance), candidates=tried)
     if observed is not None:  # the chosen candidate's key starts with its (left, restored) shares
         key = best[0] or (float("nan"), float("nan"))
         info.update(observed_flipped=observed.flipped, observed_left=key[0], observed_restored=key[1])

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from latentguard.device import module_device
 from latentguard.errors import ModelError, SpecError
 from latentguard.inference import eval_mode, to_float_images
 from latentguard.models import named_layer
@@ -89,13 +90,6 @@ def _flat(t: Any, site: _Site, dim: int) -> torch.Tensor:
     return flat
 
 
-def _module_device(m: nn.Module) -> torch.device:
-    for t in m.parameters():
-        return t.device
-    for t in m.buffers():
-        return t.device
-    return torch.device("cpu")
-
 
 @torch.no_grad()
 def _collect(
@@ -134,7 +128,7 @@ def _site_shape(model: nn.Module, site: _Site, x1: torch.Tensor) -> tuple[int, .
         seen.append(tuple(t.shape[1:]))
 
     with eval_mode(model), _hooks([(site, _on(site, keep))]):
-        model(x1.to(_module_device(model)))
+        model(x1.to(module_device(model)))
     if not seen:
         raise ModelError(f"layer {site.name!r} did not run during the forward pass: pick a layer on the model's path")
     return seen[-1]

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from latentguard.defenses.fire.sites import _module_device, _site_shape
+from latentguard.defenses.fire.sites import _site_shape
 from latentguard.defenses.fire.wrapper import _SOURCE_TENSORS, _STATE_TENSORS, FORMAT, RepairedModel
+from latentguard.device import module_device
 from latentguard.errors import ModelError, SpecError, UnsafeFileError
 
 
@@ -130,7 +131,7 @@ def load_repair(model: nn.Module, path: str | os.PathLike[str], *, head: str | N
         info={"loaded_from": p.name},
     )
     _check_layer_shapes(wrapper, model)
-    return wrapper.to(_module_device(model))
+    return wrapper.to(module_device(model))
 
 
 def _check_layer_shapes(wrapper: RepairedModel, model: nn.Module) -> None:

@@ -17,11 +17,11 @@ from latentguard.defenses.fire.sites import (
     _collect,
     _flat,
     _hooks,
-    _module_device,
     _on,
     _resolve_sites,
     _Site,
 )
+from latentguard.device import module_device
 from latentguard.errors import ModelError, SpecError
 from latentguard.inference import eval_mode, to_float_images
 from latentguard.latent.directions import OnlineDirection, class_projection_stats, unit_directions
@@ -463,7 +463,7 @@ class RepairedModel(nn.Module):
     def projections(self, x: torch.Tensor, *, batch_size: int = 512) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Projections ``π`` (layer → ``(N, K)``) of the unrepaired activations on the unit directions, and
         the class each input's statistics are taken from (``gate``). Images float in [0, 1] or uint8."""
-        dev = _module_device(self)
+        dev = module_device(self)
         proj: dict[str, list[torch.Tensor]] = {s.name: [] for s in self._sites}
         classes = []
         with eval_mode(self):
@@ -517,7 +517,7 @@ class RepairedModel(nn.Module):
                 raise SpecError(f"quantile must be in (0, 1], got {quantile!r}")
             self.quantile = float(quantile)
         self._calib_x = x.cpu()
-        self._calib_acts, _ = _collect(self.model, self._sites, x, batch_size, _module_device(self))
+        self._calib_acts, _ = _collect(self.model, self._sites, x, batch_size, module_device(self))
         self._calib_batch = batch_size
         self._online = None
         self._refresh_stats(recompute_classes=True)
@@ -559,7 +559,7 @@ class RepairedModel(nn.Module):
 
     def _clean_classes(self) -> torch.Tensor:
         assert self._calib_x is not None and self._calib_acts is not None and self._calib_proj is not None
-        dev = _module_device(self)
+        dev = module_device(self)
         if self._single_head_site:
             name = self.layers[0]
             z = self._calib_acts[name].to(dev)
@@ -611,7 +611,7 @@ class RepairedModel(nn.Module):
         if n == 0:
             return 0
         xs = to_float_images(x)[flagged.to(x.device)]
-        acts, _ = _collect(self.model, self._sites, xs, batch_size, _module_device(self))
+        acts, _ = _collect(self.model, self._sites, xs, batch_size, module_device(self))
         for i, s in enumerate(self._sites):
             online = self._online[s.name]
             online.update(acts[s.name])
