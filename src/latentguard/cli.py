@@ -53,6 +53,14 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
 
 
+def _add_training(p: argparse.ArgumentParser, *, width: int | None, epochs: int) -> None:
+    """The training options shared by ``train``, ``attack`` and ``zoo build`` (one SGD schedule for all)."""
+    p.add_argument("--width", type=int, default=width, help="width of a built-in architecture")
+    p.add_argument("--epochs", type=_nonnegative_int, default=epochs)
+    p.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    p.add_argument("--batch-size", type=_nonnegative_int, default=128)
+
+
 def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     """``k=v`` pairs; values parsed as JSON when possible (numbers, booleans, lists), else kept as strings."""
     out: dict[str, Any] = {}
@@ -90,7 +98,7 @@ def _parse_attack_params(items: Sequence[str] | None, attacks: Sequence[str]) ->
     return out
 
 
-def _positive_int(text: str) -> int:
+def _nonnegative_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
@@ -296,10 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a clean model on a dataset")
     p.add_argument("--data", required=True, help="digits, cifar10:PATH, gtsrb:PATH, tinyimagenet:PATH, npz:FILE or DIR")
     p.add_argument("--model", required=True, help="built-in architecture name")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--epochs", type=_positive_int, default=20)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    _add_training(p, width=None, epochs=20)
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_train)
@@ -317,15 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attack", help="train a backdoored model (to create test models)")
     p.add_argument("--data", required=True)
     p.add_argument("--attack", required=True, help="attack name (see 'latentguard attack --list')")
-    p.add_argument("--target", type=_positive_int, default=0)
+    p.add_argument("--target", type=_nonnegative_int, default=0)
     p.add_argument("--rate", type=_fraction, default=0.1)
     p.add_argument("--all-to-all", action="store_true")
     p.add_argument("--param", action="append", metavar="NAME=VALUE", help="attack parameter (repeatable)")
     p.add_argument("--model", required=True, help="built-in architecture name")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--epochs", type=_positive_int, default=20)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    _add_training(p, width=None, epochs=20)
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_attack)
@@ -372,10 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="../shared/datasets",
                    help="folder holding the CIFAR-10 / GTSRB archives or unpacked folders")
     p.add_argument("--model", default="preact_resnet18")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--batch-size", type=_positive_int, default=128)
+    _add_training(p, width=16, epochs=10)
     p.add_argument("--rate", type=_fraction, default=0.1)
     p.add_argument("--attack-param", action="append", metavar="ATTACK.NAME=VALUE",
                    help="an attack's parameter for the cells built now, e.g. inputaware.mask_epochs=5 (repeatable)")
@@ -389,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", default=None, help="zoo directory (default: the latentguard cache)")
     p.add_argument("--data-root", default="../shared/datasets")
     p.add_argument("--params", default=None, help='JSON: {"defense": {"param": value}}')
-    p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--workers", type=_nonnegative_int, default=1)
     p.add_argument("--clean-fraction", type=_fraction, default=None,
                    help="give each defense a class-balanced share of the cell's reserve holding this fraction of "
                         "the training set (default: the whole reserve)")
