@@ -1,21 +1,17 @@
 """BadNets, Blend and the shared attack machinery (spec, registry, poisoning, backdoor test set)."""
 
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 
+from _attack_util import random_images
 from latentguard.attacks import AttackSpec, load_attack, make_attack, save_attack
-from latentguard.data import Images
 from latentguard.errors import SpecError
 
-
-def _images(n=60, c=3, size=8, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, size, size, c), dtype=np.uint8)
-    y = np.arange(n) % classes
-    return Images(x, y, [f"c{i}" for i in range(classes)])
+_images = partial(random_images, n=60, c=3, size=8, classes=3, seed=0)
 
 
 def _badnets(**kw):

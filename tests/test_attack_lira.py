@@ -1,23 +1,20 @@
 """LIRA: bounded learned trigger, two-stage training through fit, look-ahead gradients, serialisation."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
-from latentguard.attacks import AttackContext, load_attack, make_attack, save_attack
-from latentguard.data import Images
+from _attack_util import random_images, tiny_cnn, train_with_attack
+from latentguard.attacks import load_attack, make_attack, save_attack
 from latentguard.errors import SpecError
-from latentguard.models import build_model
-from latentguard.train import TrainConfig
 
 CLASSES = 3
-CPU = torch.device("cpu")
 
 
-def _images(n=48, c=1, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, size, size, c), dtype=np.uint8)
-    return Images(x, np.arange(n) % CLASSES, [f"c{i}" for i in range(CLASSES)])
+_images = partial(random_images, n=48, c=1, size=16, classes=CLASSES, seed=0)
+_model = partial(tiny_cnn, CLASSES, size=16, width=4, seed=0)  # called as _model(c), c = channels
 
 
 def _attack(c=1, **kw):
@@ -25,16 +22,8 @@ def _attack(c=1, **kw):
     return make_attack("lira", num_classes=CLASSES, image_shape=(c, 16, 16), params=params, **kw)
 
 
-def _model(c=1):
-    torch.manual_seed(0)
-    return build_model("small_cnn", CLASSES, in_channels=c, image_size=16, width=4)
-
-
 def _train(attack, c=1):
-    model = _model(c)
-    cfg = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=2, lr=0.01)
-    ctx = AttackContext(train=_images(c=c), build_model=lambda: _model(c), train_config=cfg, device=CPU)
-    return (model, *attack.train_model(model, ctx))
+    return train_with_attack(attack, _images(c=c), lambda: _model(c))
 
 
 @pytest.fixture(scope="module")

@@ -1,33 +1,20 @@
 """TrojanNN: neuron selection, trigger optimisation inside the mask, round-trip, poisoning, validation."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
-from latentguard.attacks import AttackContext, load_attack, make_attack, save_attack
+from _attack_util import attack_context, random_images, tiny_cnn
+from latentguard.attacks import load_attack, make_attack, save_attack
 from latentguard.attacks.trojannn import select_neurons
-from latentguard.data import Images
 from latentguard.errors import SpecError
-from latentguard.models import build_model, split_model
-from latentguard.train import TrainConfig
+from latentguard.models import split_model
 
-
-def _images(n=64, size=16, classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, size, size, 1), dtype=np.uint8)
-    y = np.arange(n) % classes
-    return Images(x, y, [f"c{i}" for i in range(classes)])
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return build_model("small_cnn", 4, in_channels=1, image_size=16, width=4)
-
-
-def _context(train, clean=True):
-    cfg = TrainConfig(epochs=1, batch_size=32, augment=False)
-    return AttackContext(train=train, build_model=_model, train_config=cfg, device=torch.device("cpu"),
-                         clean_model=_model() if clean else None)
+_images = partial(random_images, n=64, c=1, size=16, classes=4, seed=0)
+_model = partial(tiny_cnn, 4, c=1, size=16, width=4, seed=0)
+_context = partial(attack_context, build_model=_model)
 
 
 def _trojannn(**kw):

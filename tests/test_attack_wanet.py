@@ -1,19 +1,16 @@
 """WaNet: the warping field, static noise-mode poisoning, spec round-trip and parameter validation."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 
+from _attack_util import random_images
 from latentguard.attacks import load_attack, make_attack, save_attack
-from latentguard.data import Images
 from latentguard.errors import SpecError
 
-
-def _images(n=100, size=16, classes=4, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, size=(n, size, size, 1), dtype=np.uint8)
-    y = np.arange(n) % classes
-    return Images(x, y, [f"c{i}" for i in range(classes)])
+_images = partial(random_images, n=100, c=1, size=16, classes=4, seed=0)
 
 
 def _wanet(**kw):
