@@ -52,6 +52,22 @@ def test_detect_statistic_option(attacked, tmp_path, capsys):
     assert "invalid choice: 'median'" in capsys.readouterr().err
 
 
+def test_detect_noise_probe_option(attacked, tmp_path, capsys):
+    out = tmp_path / "det"
+    assert main(["detect", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
+                 "--noise-probe", "0.1", "--out", str(out), "--device", "cpu"]) == 0
+    det = json.loads((out / "detection.json").read_text())
+    extra = det["extra"]
+    assert extra["noise_probe"] == 0.1 and len(extra["probe_scores"]) == 10
+    assert det["scores"] == [max(a, b) for a, b in zip(extra["clean_scores"], extra["probe_scores"], strict=True)]
+    assert 0 in det["target_classes"]
+    result = json.loads((out / "result.json").read_text())
+    assert result["parameters"]["noise_probe"] == 0.1
+    assert main(["detect", "--model", str(attacked), "--clean", "digits", "--noise-probe", "-1",
+                 "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--noise-probe: expected a number in [0, 1]" in capsys.readouterr().err
+
+
 def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):
     before = (attacked / "model.safetensors").read_bytes()
     out = tmp_path / "rem"

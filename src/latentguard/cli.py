@@ -128,6 +128,16 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _unit(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
+    return v
+
+
 # ----------------------------------------------------------------------------- commands
 def _cmd_train(args: argparse.Namespace) -> int:
     from latentguard import workflows
@@ -217,7 +227,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from latentguard import workflows
 
     payload = workflows.detect_command(threshold=args.threshold, quantile=args.quantile, statistic=args.statistic,
-                                       **_defender_kwargs(args))
+                                       noise_probe=args.noise_probe, **_defender_kwargs(args))
     from rich.console import Console
     from rich.table import Table
 
@@ -342,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class: the paper's per-class flip norm; pairwise: geometric mean over source classes of "
                         "the per-pair flip norm; both (default): the larger of the pairwise index and the "
                         "per-class index minus 1")
+    p.add_argument("--noise-probe", type=_unit, default=None, metavar="SIGMA",
+                   help="also judge the clean data under Gaussian pixel noise of this σ (0 to 1; 0: off) and flag "
+                        "a class either verdict flags (default: TAC's)")
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_detect)

@@ -1,0 +1,112 @@
+"""TAC's noise probe: the verdict on the reserve under Gaussian pixel noise, combined with the clean verdict."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from latentguard.data import Images
+from latentguard.defenses import make_defense
+from latentguard.defenses.base import DetectionReport
+from latentguard.defenses.tac import detect, noisy_copy, with_noise_probe
+from latentguard.errors import SpecError
+
+C, SIZE = 8, 8
+ROUGHNESS_GAIN = 200.0
+
+
+class _NoiseKeyed(nn.Module):
+    """Class c lights up image row c; a latent unit measuring horizontal roughness (amplified) feeds class 0 with
+    a small weight ``key``.
+
+    Clean images are constant along each row (roughness 0) and the head row of class 0 barely differs from the
+    others, so the clean latents show nothing; noisy copies have a large roughness unit and drift toward class 0,
+    like the noise key of a Blend backdoor."""
+
+    def __init__(self, key: float) -> None:
+        super().__init__()
+        self.rows = nn.Linear(SIZE * SIZE, C, bias=False)
+        self.head = nn.Linear(C + 1, C)
+        with torch.no_grad():
+            self.rows.weight.zero_()
+            for c in range(C):
+                self.rows.weight[c, c * SIZE:(c + 1) * SIZE] = 1.0 / SIZE
+            self.head.weight.zero_()
+            self.head.weight[:, :C] = 4.0 * torch.eye(C)
+            self.head.weight[0, C] = key
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        roughness = ROUGHNESS_GAIN * (x[..., :, 1:] - x[..., :, :-1]).abs().mean(dim=(1, 2, 3))
+        return self.head(torch.cat([self.rows(x.flatten(1)), roughness[:, None]], dim=1))
+
+
+def _images(n_per_class: int = 20, seed: int = 0) -> Images:
+    """Row c bright (its level varies per class and per image), every other row dark: constant along rows."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(C), n_per_class)
+    x = np.full((len(y), SIZE, SIZE, 1), 30, dtype=np.uint8)
+    for i, c in enumerate(y):
+        x[i, c, :, 0] = 150 + rng.integers(0, 60)
+    return Images(x, y, [f"c{i}" for i in range(C)])
+
+
+def test_noisy_copy_is_seeded_keeps_labels_and_adds_noise_of_sigma():
+    images = _images()
+    a, b = noisy_copy(images, 0.1), noisy_copy(images, 0.1)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, images.y)
+    assert a.x.dtype == np.uint8 and a.x.shape == images.x.shape
+    diff = (a.x.astype(float) - images.x.astype(float)) / 255
+    assert 0.08 < diff.std() < 0.12  # σ = 0.1, slightly less where clipping bites
+    np.testing.assert_array_equal(noisy_copy(images, 0.0).x, images.x)
+
+
+def test_probe_scores_are_the_larger_index_and_flags_are_the_union():
+    clean = DetectionReport("tac", norms=[1.0, 2.0, 3.0], scores=[5.0, 0.0, 1.0], threshold=4.0, target_classes=[0],
+                            extra={"statistic": "both"})
+    noisy = DetectionReport("tac", norms=[9.0, 9.0, 0.1], scores=[-1.0, 0.5, 7.0], threshold=4.0, target_classes=[2])
+    combined = with_noise_probe(clean, noisy, 0.1)
+    assert combined.scores == [5.0, 0.5, 7.0]
+    assert combined.target_classes == [0, 2]
+    assert combined.norms == clean.norms  # removal unlearns the clean reserve's s_p
+    assert combined.extra["clean_scores"] == clean.scores and combined.extra["probe_scores"] == noisy.scores
+    assert combined.extra["noise_probe"] == 0.1 and combined.extra["statistic"] == "both"
+
+
+def test_probe_finds_a_noise_keyed_backdoor_the_clean_reserve_hides():
+    images = _images()
+    model = _NoiseKeyed(key=0.5).eval()
+    plain = detect(model, images, device="cpu")
+    probed = detect(model, images, device="cpu", noise_probe=0.1)
+    assert 0 not in plain.target_classes
+    assert probed.target_classes == [0]
+    assert probed.extra["probe_scores"][0] > 4.0 > max(probed.extra["clean_scores"])
+
+
+def test_probe_raises_no_flag_on_a_model_without_the_key():
+    report = detect(_NoiseKeyed(key=0.0).eval(), _images(), device="cpu", noise_probe=0.1)
+    assert report.target_classes == []
+
+
+def test_tac_defense_passes_the_probe_and_validates_it():
+    images = _images()
+    result = make_defense("tac", noise_probe=0.1, detect_only=True).run(_NoiseKeyed(key=0.5).eval(), images,
+                                                                         device="cpu")
+    assert result.detection.target_classes == [0]
+    for bad in (-0.1, 2.0, "loud"):
+        with pytest.raises(SpecError, match="noise_probe"):
+            make_defense("tac", noise_probe=bad)
+
+
+def test_public_detect_takes_the_probe_and_refuses_a_bad_sigma():
+    import latentguard
+
+    images = _images()
+    x = torch.from_numpy(images.x)  # uint8 N×H×W×C
+    y = torch.from_numpy(images.y)
+    model = _NoiseKeyed(key=0.5).eval()
+    assert latentguard.detect(model, (x, y), noise_probe=0.1, device="cpu").target_classes == [0]
+    assert 0 not in latentguard.detect(model, (x, y), noise_probe=0.0, device="cpu").target_classes
+    with pytest.raises(SpecError, match="noise_probe"):
+        latentguard.detect(model, (x, y), noise_probe=-0.5, device="cpu")
