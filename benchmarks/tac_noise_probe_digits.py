@@ -26,8 +26,13 @@ from latentguard.defenses.tac import detect
 from latentguard.models import build_model
 from latentguard.train import TrainConfig, fit
 
-SIGMAS = (0.0, 0.03, 0.06, 0.1, 0.15, 0.2)
+# (σ, share of each class of the reserve the probe judges)
+SETTINGS = ((0.0, 1.0), (0.03, 1.0), (0.06, 1.0), (0.1, 1.0), (0.15, 1.0), (0.2, 1.0), (0.1, 0.3), (0.15, 0.3))
 MODELS = (("clean", 6), ("badnets", 6), ("blend", 6), ("sig", 3), ("wanet", 3))
+
+
+def _name(sigma: float, fraction: float) -> str:
+    return f"σ = {sigma:g}" + ("" if fraction >= 1 else f", {fraction:.0%} of the reserve")
 
 
 def trained(data, attack_name: str, seed: int, cache: Path) -> torch.nn.Module:
@@ -60,30 +65,32 @@ def main() -> None:
     for attack_name, n_seeds in MODELS:
         for seed in range(n_seeds):
             model = trained(data, attack_name, seed, args.cache)
-            for sigma in SIGMAS:
-                report = detect(model, reserve, device="cpu", noise_probe=sigma)
+            for sigma, fraction in SETTINGS:
+                report = detect(model, reserve, device="cpu", noise_probe=sigma, probe_fraction=fraction)
                 scores = np.asarray(report.extra.get("probe_scores", report.scores))
-                rows.append({"attack": attack_name, "seed": seed, "sigma": sigma, "flagged": report.target_classes,
-                             "probe_target": float(scores[0]), "probe_max_other": float(np.delete(scores, 0).max())})
-            print(attack_name, seed, [r["flagged"] for r in rows[-len(SIGMAS):]], flush=True)
+                rows.append({"attack": attack_name, "seed": seed, "sigma": sigma, "fraction": fraction,
+                             "flagged": report.target_classes, "probe_target": float(scores[0]),
+                             "probe_max_other": float(np.delete(scores, 0).max())})
+            print(attack_name, seed, [r["flagged"] for r in rows[-len(SETTINGS):]], flush=True)
     lines = ["# TAC's noise probe on digits development models", "",
              "Produced by `python benchmarks/tac_noise_probe_digits.py` (see its docstring). Each cell: classes "
-             "flagged by TAC with the probe at that σ (σ = 0: the probe off), then the probe's own anomaly index (σ = 0: the clean verdict's) of "
+             "flagged by TAC with the probe at that σ, judging the whole reserve or the given share of each class (σ = 0: the probe off), then the probe's own anomaly index (σ = 0: the clean verdict's) of "
              "class 0 (the target of every backdoored model) / of the most outlying other class. α = 4.", "",
-             "| model | seed | " + " | ".join(f"σ = {s:g}" for s in SIGMAS) + " |", "|---" * (2 + len(SIGMAS)) + "|"]
+             "| model | seed | " + " | ".join(_name(*s) for s in SETTINGS) + " |", "|---" * (2 + len(SETTINGS)) + "|"]
     for attack_name, n_seeds in MODELS:
         for seed in range(n_seeds):
             cells = []
-            for sigma in SIGMAS:
-                r = next(r for r in rows if (r["attack"], r["seed"], r["sigma"]) == (attack_name, seed, sigma))
+            for sigma, fraction in SETTINGS:
+                r = next(r for r in rows
+                         if (r["attack"], r["seed"], r["sigma"], r["fraction"]) == (attack_name, seed, sigma, fraction))
                 cells.append(f"{r['flagged']} {r['probe_target']:.1f} / {r['probe_max_other']:.1f}")
             lines.append(f"| {attack_name} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "Models flagged correctly (target 0 among the flagged classes) / any false flag:", "",
-              "| model | " + " | ".join(f"σ = {s:g}" for s in SIGMAS) + " |", "|---" * (1 + len(SIGMAS)) + "|"]
+              "| model | " + " | ".join(_name(*s) for s in SETTINGS) + " |", "|---" * (1 + len(SETTINGS)) + "|"]
     for attack_name, n_seeds in MODELS:
         cells = []
-        for sigma in SIGMAS:
-            sub = [r for r in rows if r["attack"] == attack_name and r["sigma"] == sigma]
+        for sigma, fraction in SETTINGS:
+            sub = [r for r in rows if r["attack"] == attack_name and (r["sigma"], r["fraction"]) == (sigma, fraction)]
             right = sum(0 in r["flagged"] for r in sub) if attack_name != "clean" else 0
             wrong = sum(any(k != 0 or attack_name == "clean" for k in r["flagged"]) for r in sub)
             cells.append(f"{right}/{n_seeds} · {wrong} false" if attack_name != "clean" else f"{wrong} false alarms")

@@ -8,7 +8,7 @@ from torch import nn
 from latentguard.data import Images
 from latentguard.defenses import make_defense
 from latentguard.defenses.base import DetectionReport
-from latentguard.defenses.tac import detect, noisy_copy, with_noise_probe
+from latentguard.defenses.tac import DEFAULT_NOISE_PROBE, PROBE_FRACTION, detect, noisy_copy, with_noise_probe
 from latentguard.errors import SpecError
 
 C, SIZE = 8, 8
@@ -77,7 +77,7 @@ def test_probe_scores_are_the_larger_index_and_flags_are_the_union():
 def test_probe_finds_a_noise_keyed_backdoor_the_clean_reserve_hides():
     images = _images()
     model = _NoiseKeyed(key=0.5).eval()
-    plain = detect(model, images, device="cpu")
+    plain = detect(model, images, device="cpu", noise_probe=0.0)
     probed = detect(model, images, device="cpu", noise_probe=0.1)
     assert 0 not in plain.target_classes
     assert probed.target_classes == [0]
@@ -97,6 +97,9 @@ def test_tac_defense_passes_the_probe_and_validates_it():
     for bad in (-0.1, 2.0, "loud"):
         with pytest.raises(SpecError, match="noise_probe"):
             make_defense("tac", noise_probe=bad)
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(SpecError, match="probe_fraction"):
+            make_defense("tac", probe_fraction=bad)
 
 
 def test_public_detect_takes_the_probe_and_refuses_a_bad_sigma():
@@ -110,3 +113,14 @@ def test_public_detect_takes_the_probe_and_refuses_a_bad_sigma():
     assert 0 not in latentguard.detect(model, (x, y), noise_probe=0.0, device="cpu").target_classes
     with pytest.raises(SpecError, match="noise_probe"):
         latentguard.detect(model, (x, y), noise_probe=-0.5, device="cpu")
+
+
+def test_probe_is_on_by_default_and_judges_a_class_balanced_share():
+    images = _images(n_per_class=20)
+    report = detect(_NoiseKeyed(key=0.5).eval(), images, device="cpu")
+    assert report.extra["noise_probe"] == DEFAULT_NOISE_PROBE > 0 and report.target_classes == [0]
+    assert report.extra["probe_size"] == C * round(20 * PROBE_FRACTION)
+    whole = detect(_NoiseKeyed(key=0.5).eval(), images, device="cpu", probe_fraction=1.0)
+    assert whole.extra["probe_size"] == len(images)
+    with pytest.raises(SpecError, match="probe_fraction"):
+        detect(_NoiseKeyed(key=0.5).eval(), images, device="cpu", probe_fraction=0.0)
