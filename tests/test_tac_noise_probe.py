@@ -8,7 +8,14 @@ from torch import nn
 from latentguard.data import Images
 from latentguard.defenses import make_defense
 from latentguard.defenses.base import DetectionReport
-from latentguard.defenses.tac import DEFAULT_NOISE_PROBE, PROBE_FRACTION, detect, noisy_copy, with_noise_probe
+from latentguard.defenses.tac import (
+    DEFAULT_NOISE_PROBE,
+    PROBE_FRACTION,
+    detect,
+    noisy_copy,
+    probe_unlearning_sigma,
+    with_noise_probe,
+)
 from latentguard.errors import SpecError
 
 C, SIZE = 8, 8
@@ -100,6 +107,8 @@ def test_tac_defense_passes_the_probe_and_validates_it():
     for bad in (0.0, 1.5, True):
         with pytest.raises(SpecError, match="probe_fraction"):
             make_defense("tac", probe_fraction=bad)
+    with pytest.raises(SpecError, match="noise_unlearn"):
+        make_defense("tac", noise_unlearn="yes")
 
 
 def test_public_detect_takes_the_probe_and_refuses_a_bad_sigma():
@@ -124,3 +133,44 @@ def test_probe_is_on_by_default_and_judges_a_class_balanced_share():
     assert whole.extra["probe_size"] == len(images)
     with pytest.raises(SpecError, match="probe_fraction"):
         detect(_NoiseKeyed(key=0.5).eval(), images, device="cpu", probe_fraction=0.0)
+
+
+def test_probe_unlearning_sigma_needs_a_target_the_probe_flags():
+    probed = DetectionReport("tac", norms=[1.0] * 3, scores=[5.0, 6.0, 0.0], threshold=4.0, target_classes=[0, 1],
+                             extra={"noise_probe": 0.1, "probe_scores": [1.0, 6.0, 0.0], "clean_scores": [5.0, 0, 0]})
+    assert probe_unlearning_sigma(probed, [1]) == 0.1
+    assert probe_unlearning_sigma(probed, [0, 1]) == 0.1
+    assert probe_unlearning_sigma(probed, [0]) == 0.0  # flagged by the clean verdict alone
+    plain = DetectionReport("tac", norms=[1.0] * 3, scores=[5.0, 0, 0], threshold=4.0, target_classes=[0])
+    assert probe_unlearning_sigma(plain, [0]) == 0.0 and probe_unlearning_sigma(None, [0]) == 0.0
+
+
+class _InputSpy(nn.Module):
+    """Wraps a model and counts the training-mode batches whose pixels are off the uint8 grid (noise was added:
+    clean images, cropped or flipped, stay multiples of 1/255)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.noisy_training_batches = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scaled = x.detach() * 255
+        if self.training and ((scaled - scaled.round()).abs() > 0.01).float().mean() > 0.5:
+            self.noisy_training_batches += 1
+        return self.model(x)
+
+
+def test_removal_fits_noisy_copies_only_when_the_probe_flags_the_target():
+    images = _images(n_per_class=20)
+    for unlearn in (False, True):
+        spy = _InputSpy(_NoiseKeyed(key=0.5)).eval()
+        result = make_defense("tac", noise_unlearn=unlearn, epochs=2, batch_size=40).run(spy, images, device="cpu")
+        assert result.detection.target_classes == [0] and result.extra["targets"] == [0]
+        trained = result.model  # a copy: the spy's counter lives on it
+        if unlearn:
+            assert result.extra["noise_unlearn_sigma"] == 0.1
+            assert trained.noisy_training_batches == 2 * len(images) // 40  # every step of both epochs
+        else:
+            assert "noise_unlearn_sigma" not in result.extra and trained.noisy_training_batches == 0
+    assert spy.noisy_training_batches == 0  # the input model is untouched
