@@ -174,3 +174,16 @@ def test_removal_fits_noisy_copies_only_when_the_probe_flags_the_target():
         else:
             assert "noise_unlearn_sigma" not in result.extra and trained.noisy_training_batches == 0
     assert spy.noisy_training_batches == 0  # the input model is untouched
+
+
+def test_fire_detection_uses_the_probe_unless_switched_off():
+    from latentguard.defenses.fire import repair
+
+    images = _images(n_per_class=20)
+    probed = repair(_NoiseKeyed(key=0.5).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False)
+    assert probed.detection.target_classes == [0] and probed.detection.extra["noise_probe"] == DEFAULT_NOISE_PROBE
+    plain = repair(_NoiseKeyed(key=0.5).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False,
+                   noise_probe=0.0)
+    assert 0 not in plain.detection.target_classes and "probe_scores" not in plain.detection.extra
+    with pytest.raises(SpecError, match="noise_probe"):
+        make_defense("fire", noise_probe=-1)

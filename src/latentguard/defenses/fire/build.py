@@ -12,11 +12,19 @@ import torch
 from torch import nn
 
 from latentguard.data import Images
+from latentguard.data.split import stratified_split
 from latentguard.defenses.base import DetectionReport
 from latentguard.defenses.fire.choice import SELECTIONS, _choose, _Observed
 from latentguard.defenses.fire.sites import PENULTIMATE, _collect, _layer_names, _resolve_sites, _site_shape
 from latentguard.defenses.fire.wrapper import DEFAULT_QUANTILE, GATES, RULES, RepairedModel
-from latentguard.defenses.tac import PAIRWISE_MAX_CLASSES, latent_report
+from latentguard.defenses.tac import (
+    DEFAULT_NOISE_PROBE,
+    PAIRWISE_MAX_CLASSES,
+    PROBE_FRACTION,
+    latent_report,
+    noisy_copy,
+    with_noise_probe,
+)
 from latentguard.device import resolve_device
 from latentguard.errors import SpecError
 from latentguard.inference import to_float_images
@@ -76,6 +84,7 @@ def repair(
     head: str | None = None,
     per_source: bool | None = None,
     select: str = "left",
+    noise_probe: float | None = None,
 ) -> RepairedModel:
     """Estimate backdoor directions and clean statistics and wrap ``model`` in a :class:`RepairedModel`.
 
@@ -83,7 +92,8 @@ def repair(
         model: the (possibly backdoored) classifier, images in [0, 1] → logits; wrapped, not copied (it is
             moved to ``device`` and put in eval mode).
         clean: the defender's clean reserve (labels are only used for the holdout accuracy).
-        target: backdoor target class(es) for ``source="qp"`` / ``"centroid"``; None detects them.
+        target: backdoor target class(es) for ``source="qp"`` / ``"centroid"``; None detects them (TAC's verdict on
+            the reserve's latents, with TAC's noise probe unless ``noise_probe`` is 0).
         layer: None / ``"penultimate"`` (the head's input), a module name (its output is shifted) or a list.
         rule: ``"gated"`` (default) or ``"constant"`` (the paper's ``x − αβ``).
         gate: the class whose clean statistics an input is compared with: ``"neutral"`` (default) or
@@ -108,6 +118,8 @@ def repair(
         select: how synthetic triggers rank the α / quantile candidates: ``"left"`` (default) counts the
             inputs of ``x + β`` and ``x + 2β`` moved off the prediction the trigger caused, ``"restored"`` (the
             earlier rule) those of ``x + β`` brought back to their clean prediction (see :func:`_choose`).
+        noise_probe: σ of TAC's noise probe when detecting the target (None: TAC's default, 0: the clean latents
+            alone); see :func:`latentguard.defenses.tac.with_noise_probe`.
     """
     if not isinstance(clean, Images):
         raise SpecError("clean data must be an Images container: use latentguard.data.as_images(x, y)")
@@ -138,6 +150,10 @@ def repair(
         if any(isinstance(a, bool) or not (isinstance(a, int | float) and math.isfinite(a) and a >= 0) for a in values):
             raise SpecError(f"alpha must be a non-negative number, got {alpha!r}")
 
+    sigma = DEFAULT_NOISE_PROBE if noise_probe is None else noise_probe
+    if isinstance(sigma, bool) or not (isinstance(sigma, int | float) and 0 <= sigma <= 1):
+        raise SpecError(f"noise_probe must be a pixel-noise σ in [0, 1] (0: off) or None (TAC's), got {noise_probe!r}")
+
     dev = resolve_device(device)
     model.to(dev).eval()
     x_probe, _ = clean.subset(np.arange(min(2, len(clean)))).tensors()
@@ -167,6 +183,11 @@ def repair(
         if target is None:
             t0 = time.perf_counter()  # TAC's verdict on the latents just collected (no second pass)
             detection = latent_report(acts_pen[PENULTIMATE], head, labels=y_fit)
+            if sigma > 0:  # TAC's noise probe: a class-balanced share of the reserve under Gaussian pixel noise
+                probed = clean.subset(stratified_split(clean.y, PROBE_FRACTION)[1]) if PROBE_FRACTION < 1 else clean
+                x_noisy, y_noisy = noisy_copy(probed, sigma).tensors()
+                acts_noisy = _collect(model, pen, x_noisy, batch_size, dev)[0][PENULTIMATE]
+                detection = with_noise_probe(detection, latent_report(acts_noisy, head, labels=y_noisy), sigma)
             detection.seconds = time.perf_counter() - t0
             targets = [int(t) for t in detection.target_classes]
         else:
