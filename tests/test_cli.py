@@ -63,6 +63,8 @@ def test_detect_noise_probe_option(attacked, tmp_path, capsys):
     assert 0 in det["target_classes"]
     result = json.loads((out / "result.json").read_text())
     assert result["parameters"]["noise_probe"] == 0.1
+    out = capsys.readouterr().out
+    assert "noisy" in out and "the noise probe's (σ 0.1 on" in out
     assert main(["detect", "--model", str(attacked), "--clean", "digits", "--noise-probe", "-1",
                  "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--noise-probe: expected a number in [0, 1]" in capsys.readouterr().err

@@ -233,13 +233,21 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     table = Table(title="TAC detection: " + (f"backdoor target(s) {payload['target_classes']}"
                                              if payload["backdoored"] else "no backdoor found"))
-    stat = "mean ‖s_a→k‖" if payload.get("extra", {}).get("statistic") == "pairwise" else "‖s_k‖"
-    for col in ("class", "name", stat, "anomaly index", "flagged"):
+    extra = payload.get("extra", {})
+    stat = "mean ‖s_a→k‖" if extra.get("statistic") == "pairwise" else "‖s_k‖"
+    probe = "probe_scores" in extra  # the noise probe ran: show each verdict's index beside the combined one
+    verdicts = ["clean", "noisy", "index"] if probe else ["anomaly index"]
+    columns = ["class", "name", stat, *verdicts, "flagged"]
+    for col in columns:
         table.add_column(col, justify="right")
     for k, (n, sc) in enumerate(zip(payload["norms"], payload["scores"], strict=True)):
-        table.add_row(str(k), payload["class_names"][k], f"{n:.3f}", f"{sc:.2f}",
+        both = [f"{extra['clean_scores'][k]:.2f}", f"{extra['probe_scores'][k]:.2f}"] if probe else []
+        table.add_row(str(k), payload["class_names"][k], f"{n:.3f}", *both, f"{sc:.2f}",
                       "yes" if k in payload["target_classes"] else "")
     Console().print(table)
+    if probe:
+        print(f"index: the larger of the clean images' and the noise probe's (σ {extra['noise_probe']:g} on "
+              f"{extra.get('probe_size', '?')} noisy copies)")
     print(f"threshold {payload['threshold']:g}, {payload['clean_size']} clean images, {payload['seconds']:.2f}s; "
           f"written to {args.out}")
     return 0
