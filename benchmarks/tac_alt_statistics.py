@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentguard.data import load_data
 from latentguard.defenses.tac import clean_latents, feature_model
 from latentguard.latent.outliers import anomaly_index
 from latentguard.latent.qp import minimal_flip_perturbations, pairwise_flip_perturbations
-from latentguard.models import load_model
-from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
+from latentguard.zoo import default_zoo_root, zoo_models
 
 LEARNED = 0.5  # undefended ASR from which a backdoor counts as learned
 RIDGE = 1e-3  # added to the clean covariance before whitening
@@ -93,28 +91,17 @@ def main() -> None:
     args = ap.parse_args()
     zoo = args.zoo or default_zoo_root()
     rows = []
-    loaded: tuple[str, object] | None = None
-    for metrics in sorted(zoo.glob("*/*/metrics.json")):
-        cell = metrics.parent
-        dataset, name = cell.parent.name, cell.name
-        rec = json.loads(metrics.read_text())
-        spec = rec["parameters"].get("attack")
-        if spec is not None and spec.get("all_to_all"):
-            continue
-        if loaded is None or loaded[0] != dataset:
-            loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
-        reserve = cell_reserve(cell, loaded[1].train)
-        model = load_model(str(cell / "model.json")).eval()
-        fm = feature_model(model, reserve, device=torch.device("cpu"))
+    for m in zoo_models(zoo, args.data_root):
+        dataset, name, reserve, target = m.dataset, m.name, m.reserve, m.target
+        fm = feature_model(m.model, reserve, device=torch.device("cpu"))
         z = clean_latents(fm, reserve, device="cpu").double().numpy()
         W = fm.head.weight.detach().double().numpy()
         b = fm.head.bias.detach().double().numpy() if fm.head.bias is not None else np.zeros(W.shape[0])
-        target = None if spec is None else spec.get("target")
         for stat, scores in statistics(z, np.asarray(reserve.y), W, b).items():
             others = scores.copy()
             if target is not None:
                 others[target] = -np.inf
-            rows.append({"dataset": dataset, "cell": name, "asr": rec["metrics"].get("asr"), "statistic": stat,
+            rows.append({"dataset": dataset, "cell": name, "asr": m.asr, "statistic": stat,
                          "target": target, "target_score": None if target is None else float(scores[target]),
                          "max_other": float(others.max()), "scores": [float(v) for v in scores]})
         print(f"{dataset}/{name} done", flush=True)

@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from latentguard.attacks import load_attack
-from latentguard.data import load_data
 from latentguard.defenses.tac import feature_model
 from latentguard.latent.qp import minimal_flip_perturbations, pairwise_flip_perturbations
-from latentguard.models import extract_features, load_model
-from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
+from latentguard.models import extract_features
+from latentguard.zoo import default_zoo_root, zoo_models
 
 
 def direction_stats(z: torch.Tensor, z_trig: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -78,30 +77,19 @@ def main() -> None:
     only = None if args.cells is None else set(args.cells.split(","))
     zoo = args.zoo or default_zoo_root()
     rows = []
-    loaded: tuple[str, object] | None = None
-    for metrics in sorted(zoo.glob("*/*/metrics.json")):
-        cell = metrics.parent
-        if not (cell / "attack.json").is_file() or (only is not None and f"{cell.parent.name}/{cell.name}" not in only):
-            continue
-        dataset = cell.parent.name
-        attack = load_attack(cell / "attack.json")
-        if attack.spec.all_to_all:
-            continue
-        if loaded is None or loaded[0] != dataset:
-            loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
-        train = loaded[1].train
-        full = cell_reserve(cell, train)
+    for m in zoo_models(zoo, args.data_root, clean=False, cells=only):  # backdoored, all-to-one cells
+        dataset, full = m.dataset, m.reserve
+        attack = load_attack(m.path / "attack.json")
         keep = np.flatnonzero(full.y != attack.spec.target)  # images the trigger must move to p
         reserve = full.subset(keep)
-        model = load_model(str(cell / "model.json")).eval()
-        fm = feature_model(model, reserve, device=torch.device("cpu"))
+        fm = feature_model(m.model, reserve, device=torch.device("cpu"))
         z_all, _ = extract_features(fm, full.tensors()[0], device="cpu")
         z = z_all[torch.from_numpy(keep)]  # the non-target images' clean latents
         x_trig = torch.from_numpy(attack.apply_images(reserve, np.arange(len(reserve)))).permute(0, 3, 1, 2)
         z_trig, _ = extract_features(fm, x_trig.float() / 255, device="cpu")
         stats = direction_stats(z, z_trig, fm.head.weight.detach().cpu(), fm.head.bias.detach().cpu(),
                                 attack.spec.target, np.asarray(reserve.y), z_all, np.asarray(full.y))
-        rows.append({"dataset": dataset, "attack": cell.name, "images": len(reserve), **stats})
+        rows.append({"dataset": dataset, "attack": m.name, "images": len(reserve), **stats})
         print(rows[-1], flush=True)
     previous = args.out.with_suffix(".json")
     if only is not None and previous.is_file():  # --cells: keep the other cells' rows of the last full run

@@ -28,11 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentguard.data import Images, load_data
+from latentguard.data import Images
 from latentguard.defenses.tac import detect
 from latentguard.inference import predict
-from latentguard.models import load_model
-from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
+from latentguard.zoo import default_zoo_root, zoo_models
 
 KINDS = ("none", "gauss", "lowfreq", "mix")
 
@@ -68,19 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     zoo = args.zoo or default_zoo_root()
     rows, defaults = [], []
-    loaded: tuple[str, object] | None = None
-    for metrics in sorted(zoo.glob("*/*/metrics.json")):
-        cell = metrics.parent
-        dataset, name = cell.parent.name, cell.name
-        rec = json.loads(metrics.read_text())
-        spec = rec["parameters"].get("attack")
-        if spec is not None and spec.get("all_to_all"):
-            continue
-        target = None if spec is None else spec.get("target")
-        if loaded is None or loaded[0] != dataset:
-            loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
-        reserve = cell_reserve(cell, loaded[1].train)
-        model = load_model(str(cell / "model.json")).eval()
+    for m in zoo_models(zoo, args.data_root):
+        dataset, name, reserve, model, target = m.dataset, m.name, m.reserve, m.model, m.target
         rng = np.random.default_rng(0)
         for kind in KINDS:
             x = perturb(np.asarray(reserve.x), kind, rng)
@@ -92,7 +80,7 @@ def main() -> None:
                 others[target] = -np.inf
             pred = predict(model, x, device="cpu").numpy()
             share = np.bincount(pred, minlength=len(scores)) / len(pred)
-            rows.append({"dataset": dataset, "cell": name, "asr": rec["metrics"].get("asr"), "kind": kind,
+            rows.append({"dataset": dataset, "cell": name, "asr": m.asr, "kind": kind,
                          "target": target, "target_score": None if target is None else float(scores[target]),
                          "max_other": float(others.max()), "flagged": report.target_classes,
                          "target_share": None if target is None else float(share[target])})

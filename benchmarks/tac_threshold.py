@@ -20,10 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentguard.data import load_data
 from latentguard.defenses.tac import DEFAULT_THRESHOLD, clean_latents, feature_model, latent_report
-from latentguard.models import load_model
-from latentguard.zoo import cell_reserve, data_spec_for, default_zoo_root
+from latentguard.zoo import default_zoo_root, zoo_models
 
 LEARNED = 0.5  # undefended ASR from which a backdoor counts as learned
 # (statistic, quantile) settings compared; the first is TAC's default
@@ -38,20 +36,10 @@ def main() -> None:
     args = ap.parse_args()
     zoo = args.zoo or default_zoo_root()
     rows = []
-    loaded: tuple[str, object] | None = None  # (dataset, splits): cells come sorted by dataset
-    for metrics in sorted(zoo.glob("*/*/metrics.json")):
-        cell = metrics.parent
-        dataset, name = cell.parent.name, cell.name
-        rec = json.loads(metrics.read_text())
-        if loaded is None or loaded[0] != dataset:
-            loaded = (dataset, load_data(data_spec_for(dataset, args.data_root)))
-        train = loaded[1].train
-        reserve = cell_reserve(cell, train)
-        model = load_model(str(cell / "model.json")).eval()
-        fm = feature_model(model, reserve, device=torch.device("cpu"))
+    for m in zoo_models(zoo, args.data_root, all_to_all=True):  # all-to-all cells kept, without a target
+        dataset, name, reserve, target = m.dataset, m.name, m.reserve, m.target
+        fm = feature_model(m.model, reserve, device=torch.device("cpu"))
         z = clean_latents(fm, reserve, device="cpu")  # once per model
-        spec = rec["parameters"].get("attack")
-        target = None if spec is None or spec.get("all_to_all") else spec.get("target")
         for statistic, q in SETTINGS:
             report = latent_report(z, fm.head, quantile=q, labels=reserve.y, statistic=statistic)
             scores = np.asarray(report.scores)
@@ -59,7 +47,7 @@ def main() -> None:
             if target is not None:
                 others[target] = -np.inf
             rows.append({"dataset": dataset, "cell": name, "statistic": statistic, "quantile": q, "target": target,
-                         "asr": rec["metrics"].get("asr"),
+                         "asr": m.asr,
                          "target_score": None if target is None else float(scores[target]),
                          "max_other": float(others.max()), "argmax_other": int(others.argmax()),
                          "norms": report.norms, "scores": report.scores})

@@ -35,6 +35,33 @@ def test_zoo_cells_are_complete_and_resumable(tiny_zoo):
     assert "| digits | badnets |" in zoo.write_table(root).read_text()
 
 
+def test_zoo_models_yields_finished_cells_with_reserve_and_model(tiny_zoo, tmp_path):
+    import shutil
+
+    from latentguard.data import load_data
+
+    src, _ = tiny_zoo
+    root = tmp_path / "zoo"
+    shutil.copytree(src, root)
+    a2a = shutil.copytree(root / "digits" / "badnets", root / "digits" / "badnets_a2a")  # an all-to-all cell
+    rec = json.loads((a2a / "metrics.json").read_text())
+    rec["parameters"]["attack"]["all_to_all"] = True
+    (a2a / "metrics.json").write_text(json.dumps(rec))
+    train = load_data("digits").train
+    models = list(zoo.zoo_models(root, "unused"))
+    assert [(m.dataset, m.name) for m in models] == [("digits", "badnets"), ("digits", "clean")]  # sorted, no a2a
+    assert [m.target for m in models] == [0, None]
+    for m in models:
+        assert m.path == root / "digits" / m.name and m.record["metrics"]["acc"] > 0
+        idx = json.loads((m.path / "reserve_indices.json").read_text())["indices"]
+        assert np.array_equal(m.reserve.x, train.x[idx]) and np.array_equal(m.reserve.y, train.y[idx])
+        assert not m.model.training
+    assert models[0].asr is not None and models[1].spec is None and models[1].asr is None
+    kept = list(zoo.zoo_models(root, "unused", clean=False, all_to_all=True))
+    assert [(m.name, m.target) for m in kept] == [("badnets", 0), ("badnets_a2a", None)]
+    assert [m.name for m in zoo.zoo_models(root, "unused", cells={"digits/clean"})] == ["clean"]
+
+
 def test_grid_resumes_without_double_counting(tiny_zoo, tmp_path):
     root, _ = tiny_zoo
     out = tmp_path / "bench"

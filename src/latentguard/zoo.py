@@ -13,14 +13,20 @@ import json
 import os
 import platform
 import time
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from latentguard.errors import LatentGuardError
 from latentguard.published import BACKDOORBENCH_CIFAR10
+
+if TYPE_CHECKING:
+    import torch
+
+    from latentguard.data import Images
 
 
 @dataclass
@@ -78,6 +84,59 @@ def cell_reserve(cell: str | Path, train):
     import json
 
     return train.subset(np.asarray(json.loads((Path(cell) / "reserve_indices.json").read_text())["indices"]))
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """One finished zoo cell, ready for a defense: its metrics, attack, clean reserve and model (eval mode)."""
+
+    dataset: str
+    name: str
+    path: Path
+    record: dict[str, Any]  # the cell's metrics.json
+    spec: dict[str, Any] | None  # the attack spec (``record["parameters"]["attack"]``); None for the clean model
+    reserve: Images
+    model: torch.nn.Module
+
+    @property
+    def target(self) -> int | None:
+        """The backdoor's target class; None for the clean model and for an all-to-all attack."""
+        if self.spec is None or self.spec.get("all_to_all"):
+            return None
+        return self.spec.get("target")
+
+    @property
+    def asr(self) -> float | None:
+        """The undefended model's attack success rate (None for the clean model)."""
+        return self.record["metrics"].get("asr")
+
+
+def zoo_models(root: str | Path, data_root: str | Path, *, clean: bool = True, all_to_all: bool = False,
+               cells: Collection[str] | None = None) -> Iterator[ZooModel]:
+    """Every finished cell under ``root``, sorted by dataset and cell, with its reserve and model loaded.
+
+    ``clean=False`` leaves out the clean models, ``all_to_all=False`` the all-to-all attacks; ``cells`` (names
+    ``dataset/cell``) keeps only those. Each dataset is loaded from ``data_root`` once, when its first cell comes,
+    and replaced by the next one (cells come sorted by dataset), so at most one dataset is held at a time.
+    """
+    from latentguard.data import load_data
+    from latentguard.models import load_model
+
+    loaded: tuple[str, Any] | None = None  # (dataset, splits)
+    for metrics in sorted(Path(root).glob("*/*/metrics.json")):
+        cell = metrics.parent
+        dataset, name = cell.parent.name, cell.name
+        if cells is not None and f"{dataset}/{name}" not in cells:
+            continue
+        record = json.loads(metrics.read_text())
+        spec = record["parameters"].get("attack")
+        if (spec is None and not clean) or (spec is not None and spec.get("all_to_all") and not all_to_all):
+            continue
+        if loaded is None or loaded[0] != dataset:
+            loaded = None  # free the previous dataset before loading the next
+            loaded = (dataset, load_data(data_spec_for(dataset, data_root)))
+        yield ZooModel(dataset=dataset, name=name, path=cell, record=record, spec=spec,
+                       reserve=cell_reserve(cell, loaded[1].train), model=load_model(str(cell / "model.json")).eval())
 
 
 def is_done(path: Path) -> bool:
