@@ -70,7 +70,6 @@ def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile:
     ``"class"`` scores ‖s_k‖ as in the paper, ``"pairwise"`` the geometric mean of ‖s_{a→k}‖ over source classes
     a, ``"both"`` the larger of the pairwise index and the per-class index minus 1; ``noise_probe`` σ: also
     judge the reserve under Gaussian pixel noise and flag either verdict, None: TAC's default)."""
-    from latentguard.defenses.tac import DEFAULT_NOISE_PROBE
     from latentguard.defenses.tac import detect as tac_detect
 
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
@@ -78,7 +77,7 @@ def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile:
         raise SpecError(f"threshold must be a finite number, got {threshold!r}: e.g. 2.0")
     images = _clean_for(model, clean)
     return tac_detect(model, images, threshold=threshold, log_norms=log_norms, quantile=quantile, device=device,
-                      statistic=statistic, noise_probe=DEFAULT_NOISE_PROBE if noise_probe is None else noise_probe)
+                      statistic=statistic, noise_probe=noise_probe)
 
 
 def defend(name: str, model: nn.Module, clean, *, device: str | torch.device | None = "auto", seed: int = 0,

@@ -118,24 +118,24 @@ def _finite(text: str) -> float:
     return v
 
 
-def _fraction(text: str) -> float:
+def _in_unit_interval(text: str, *, zero: bool) -> float:
+    """A number in [0, 1] (``zero``) or (0, 1]; the message names the interval."""
+    interval = "[0, 1]" if zero else "(0, 1]"
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v}")
+        raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {text!r}") from None
+    if not (0.0 <= v if zero else 0.0 < v) or not v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {v}")
     return v
+
+
+def _fraction(text: str) -> float:
+    return _in_unit_interval(text, zero=False)
 
 
 def _unit(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
-    return v
+    return _in_unit_interval(text, zero=True)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -261,7 +261,7 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                    clean_fraction: float | None, clean_indices: str | None, threshold: float | None, quantile: float,
                    out: str, overwrite: bool, device: str, seed: int, statistic: str = "both",
                    noise_probe: float | None = None) -> dict[str, Any]:
-    from latentguard.defenses.tac import DEFAULT_NOISE_PROBE, detect
+    from latentguard.defenses.tac import detect
     from latentguard.report import plot_detection
 
     dev = resolve_device(device)
@@ -270,16 +270,15 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
     net = open_model(model, weights, splits, width=width, head=head)
     with atomic_output_dir(out, inputs=_defender_inputs(model, weights, clean, [clean_indices]),
                            overwrite=overwrite) as tmp:
-        probe = DEFAULT_NOISE_PROBE if noise_probe is None else noise_probe
         report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head,
-                        statistic=statistic, noise_probe=probe)
+                        statistic=statistic, noise_probe=noise_probe)
         payload = {**report.to_json(), "class_names": reserve.class_names, "clean_size": len(reserve)}
         write_json(tmp / "detection.json", payload)
         plot_detection(payload, tmp / "detection.png", class_names=reserve.class_names)
         record = result_record("detect", inputs={"weights": weights, "clean": _data_path(clean)},
                                parameters={"model": model, "clean": clean, "clean_fraction": clean_fraction,
                                            "threshold": threshold, "quantile": quantile, "statistic": statistic,
-                                           "noise_probe": probe, "seed": seed},
+                                           "noise_probe": report.extra.get("noise_probe", 0.0), "seed": seed},
                                metrics={"backdoored": report.backdoored, "target_classes": report.target_classes},
                                seconds=report.seconds)
         write_json(tmp / "result.json", record)

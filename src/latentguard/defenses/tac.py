@@ -59,6 +59,7 @@ real trigger change is 1.1–2.3× longer on the flagged zoo models (``benchmark
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,17 +190,14 @@ def _bias(head: nn.Linear) -> torch.Tensor:
 def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, log_norms: bool = True,
            quantile: float = 1.0, device: str | torch.device | None = "auto", head: str | None = None,
            statistic: str = "both", class_margin: float = CLASS_MARGIN,
-           noise_probe: float = DEFAULT_NOISE_PROBE, probe_fraction: float = PROBE_FRACTION) -> DetectionReport:
+           noise_probe: float | None = None, probe_fraction: float = PROBE_FRACTION) -> DetectionReport:
     """Per-class detection statistic, its anomaly indices and the flagged (poisoned) classes (``threshold`` None:
     α = :data:`DEFAULT_THRESHOLD`; ``head``: the output layer's name when it cannot be found automatically;
-    ``statistic``: see :func:`latent_report`; ``noise_probe``: see :func:`with_noise_probe`, judged on a seeded
-    ``probe_fraction`` of each class of ``clean``)."""
+    ``statistic``: see :func:`latent_report`; ``noise_probe`` (None: :data:`DEFAULT_NOISE_PROBE`, 0: off) and
+    ``probe_fraction``: see :func:`add_noise_probe`)."""
     from latentguard.device import resolve_device
 
-    if isinstance(noise_probe, bool) or not is_real(noise_probe) or not 0 <= noise_probe <= 1:
-        raise SpecError(f"tac: noise_probe must be a pixel-noise σ in [0, 1] (0: off), got {noise_probe!r}")
-    if isinstance(probe_fraction, bool) or not is_real(probe_fraction) or not 0 < probe_fraction <= 1:
-        raise SpecError(f"tac: probe_fraction must lie in (0, 1], got {probe_fraction!r}")
+    sigma = check_noise_probe(noise_probe, probe_fraction)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     fm = feature_model(model, clean, dev, head)
@@ -209,13 +207,32 @@ def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, l
         return latent_report(z, fm.head, threshold=threshold, log_norms=log_norms, quantile=quantile,
                              labels=images.y, statistic=statistic, class_margin=class_margin)
 
-    report = report_on(clean)
-    if noise_probe > 0:
-        probed = clean if probe_fraction >= 1 else clean.subset(stratified_split(clean.y, probe_fraction)[1])
-        report = with_noise_probe(report, report_on(noisy_copy(probed, noise_probe)), noise_probe)
-        report.extra["probe_size"] = len(probed)
+    report = add_noise_probe(report_on(clean), clean, report_on, sigma, probe_fraction)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def check_noise_probe(noise_probe: float | None, probe_fraction: float = PROBE_FRACTION) -> float:
+    """The probe's σ (None: :data:`DEFAULT_NOISE_PROBE`) after checking it and the probed share of the reserve."""
+    sigma = DEFAULT_NOISE_PROBE if noise_probe is None else noise_probe
+    if isinstance(sigma, bool) or not is_real(sigma) or not 0 <= sigma <= 1:
+        raise SpecError(f"tac: noise_probe must be a pixel-noise σ in [0, 1] (0: off), got {noise_probe!r}")
+    if isinstance(probe_fraction, bool) or not is_real(probe_fraction) or not 0 < probe_fraction <= 1:
+        raise SpecError(f"tac: probe_fraction must lie in (0, 1], got {probe_fraction!r}")
+    return float(sigma)
+
+
+def add_noise_probe(report: DetectionReport, clean: Images, report_on: Callable[[Images], DetectionReport],
+                    sigma: float, fraction: float = PROBE_FRACTION) -> DetectionReport:
+    """``report`` (TAC's verdict on ``clean``) combined with ``report_on`` a seeded, class-balanced ``fraction``
+    of ``clean`` under Gaussian pixel noise of σ (:func:`with_noise_probe`); ``report`` itself when σ is 0.
+    ``report_on`` turns images into TAC's verdict on their latents (the caller's own feature extraction)."""
+    if sigma <= 0:
+        return report
+    probed = clean if fraction >= 1 else clean.subset(stratified_split(clean.y, fraction)[1])
+    combined = with_noise_probe(report, report_on(noisy_copy(probed, sigma)), sigma)
+    combined.extra["probe_size"] = len(probed)
+    return combined
 
 
 def noisy_copy(images: Images, sigma: float, seed: int = 0) -> Images:
@@ -373,7 +390,7 @@ def probe_unlearning_sigma(report: DetectionReport | None, targets: list[int]) -
     if report is None or "probe_scores" not in report.extra:
         return 0.0
     probe = report.extra["probe_scores"]
-    hit = any(probe[t] > report.threshold for t in targets if t < len(probe))
+    hit = any(probe[t] > report.threshold for t in targets)
     return float(report.extra["noise_probe"]) if hit else 0.0
 
 
