@@ -113,18 +113,20 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
 def test_zoo_build_passes_attack_params_to_the_cells_it_builds(tmp_path, capsys):
     root = tmp_path / "zoo"
     assert main(["zoo", "build", "--datasets", "digits", "--attacks", "blend", "--attack-param", "blend.alpha=0.3",
-                 "--model", "small_cnn", "--width", "8", "--epochs", "1", "--root", str(root), "--quiet",
+                 "--target", "3", "--model", "small_cnn", "--width", "8", "--epochs", "1", "--root", str(root), "--quiet",
                  "--device", "cpu"]) == 0
     spec = json.loads((root / "digits" / "blend" / "attack.json").read_text())
-    assert spec["params"]["alpha"] == 0.3
+    assert spec["params"]["alpha"] == 0.3 and spec["target"] == 3
     clean = json.loads((root / "digits" / "clean" / "metrics.json").read_text())
     assert clean["parameters"]["zoo"]["attack_params"] == {"blend": {"alpha": 0.3}}
     table = (root / "zoo.md").read_text()  # the table names what was changed, on the attack's row only
-    assert "| digits | blend | small_cnn w8 | 1 | alpha=0.3 |" in table and "| digits | clean | small_cnn w8 | 1 | – |" in table
+    assert "| digits | blend | small_cnn w8 | 1 | 3 | alpha=0.3 |" in table
+    assert "| digits | clean | small_cnn w8 | 1 | – | – |" in table
     capsys.readouterr()
     for bad, message in ((["--attack-param", "alpha=0.3"], "attack.name=value"),
                          (["--attack-param", "sig.delta=0.1"], "not in --attacks"),
                          (["--attack-param", "blend.alfa=0.3"], "unknown parameter(s) alfa"),
-                         (["--attack-param", "blend.alpha=3"], "alpha")):
+                         (["--attack-param", "blend.alpha=3"], "alpha"),
+                         (["--target", "-1"], "--target")):
         assert main(["zoo", "build", "--datasets", "digits", "--attacks", "blend", "--root", str(root), *bad]) == 2
         assert message in capsys.readouterr().err

@@ -189,7 +189,7 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     if unknown:
         raise LatentGuardError(f"unknown attack(s) {', '.join(unknown)}: choose from {', '.join(sorted(ATTACKS))}")
     config = zoo.ZooConfig(model=args.model, width=args.width, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, rate=args.rate, seed=args.seed,
+                           batch_size=args.batch_size, rate=args.rate, target=args.target, seed=args.seed,
                            attack_params=_parse_attack_params(args.attack_param, attacks))
     for dataset in [d for d in args.datasets.split(",") if d]:
         spec = zoo.data_spec_for(dataset, args.data_root)
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="preact_resnet18")
     _add_training(p, width=16, epochs=10)
     p.add_argument("--rate", type=_fraction, default=0.1)
+    p.add_argument("--target", type=_nonnegative_int, default=0,
+                   help="the target class of the cells built now (e.g. a larger class for a clean-label attack)")
     p.add_argument("--attack-param", action="append", metavar="ATTACK.NAME=VALUE",
                    help="an attack's parameter for the cells built now, e.g. inputaware.mask_epochs=5 (repeatable)")
     _add_runtime(p)

@@ -240,6 +240,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
         rows.append({"dataset": rec.get("dataset", metrics.parent.parent.name), "cell": rec.get("cell", metrics.parent.name),
                      "acc": m["acc"], "asr": m.get("asr"), "ra": m.get("ra"), "minutes": m.get("minutes"),
                      "model": rec["parameters"]["model"], "epochs": rec["parameters"]["zoo"]["epochs"],
+                     "target": (rec["parameters"].get("attack") or {}).get("target"),
                      "attack_params": rec["parameters"]["zoo"].get("attack_params", {}).get(
                          rec.get("cell", metrics.parent.name), {}),
                      "fastest_epoch_s": min((e["seconds"] for e in rec.get("history", {}).get("epochs", [])),
@@ -253,15 +254,17 @@ def table_markdown(rows: list[dict[str, Any]]) -> str:
     def pct(v):
         return "–" if v is None else f"{100 * v:.1f}"
 
-    lines = ["| dataset | cell | model | epochs | attack parameters set | ACC % | ASR % | RA % | minutes "
-             "| fastest epoch s | BackdoorBench ACC/ASR % |", "|---" * 11 + "|"]
+    lines = ["| dataset | cell | model | epochs | target | attack parameters set | ACC % | ASR % | RA % | minutes "
+             "| fastest epoch s | BackdoorBench ACC/ASR % |", "|---" * 12 + "|"]
     for r in rows:
-        bb = BACKDOORBENCH_CIFAR10.get(r["cell"]) if r["dataset"] == "cifar10" else None
+        # BackdoorBench's figures are for target 0
+        bb = BACKDOORBENCH_CIFAR10.get(r["cell"]) if r["dataset"] == "cifar10" and r.get("target") == 0 else None
         ref = f"{bb[0]:.1f} / {bb[1]:.1f}" if bb else "–"
         model = f"{r['model']['arch']} w{r['model']['width']}"
         fastest = "–" if r.get("fastest_epoch_s") is None else f"{r['fastest_epoch_s']:.0f}"
         params = ", ".join(f"{k}={v}" for k, v in sorted(r.get("attack_params", {}).items())) or "–"
-        lines.append(f"| {r['dataset']} | {r['cell']} | {model} | {r['epochs']} | {params} | {pct(r['acc'])} | {pct(r['asr'])} "
+        target = "–" if r.get("target") is None else r["target"]
+        lines.append(f"| {r['dataset']} | {r['cell']} | {model} | {r['epochs']} | {target} | {params} | {pct(r['acc'])} | {pct(r['asr'])} "
                      f"| {pct(r['ra'])} | {r['minutes']:.1f} | {fastest} | {ref} |")
     return "\n".join(lines) + "\n"
 
@@ -277,7 +280,7 @@ def write_table(root: str | Path, out: str | Path | None = None) -> Path:
     d = ZooConfig()
     path.write_text(
         f"# Model zoo\n\nBuilt with `latentguard zoo build` (defaults: {d.model} width {d.width}, {d.epochs} epochs, "
-        f"SGD OneCycle lr {d.lr}, batch {d.batch_size}, {100 * d.rate:g} % poisoning, target {d.target}, seed {d.seed}, "
+        f"SGD OneCycle lr {d.lr}, batch {d.batch_size}, {100 * d.rate:g} % poisoning, seed {d.seed}, "
         f"crop/flip augmentation; each row names its model and epochs) on {os.cpu_count()} CPU cores ({platform.machine()}); minutes are wall time per cell, including the test "
         "evaluation, and grow when other jobs share the cores (the fastest epoch shows the undisturbed pace). ASR is measured on triggered test images whose "
         "label is not the target; RA on the same images against their true labels. BackdoorBench figures: CIFAR-10, "
