@@ -60,6 +60,10 @@ def test_zoo_models_yields_finished_cells_with_reserve_and_model(tiny_zoo, tmp_p
     kept = list(zoo.zoo_models(root, "unused", clean=False, all_to_all=True))
     assert [(m.name, m.target) for m in kept] == [("badnets", 0), ("badnets_a2a", None)]
     assert [m.name for m in zoo.zoo_models(root, "unused", cells={"digits/clean"})] == ["clean"]
+    # the zoo table's target column agrees with ZooModel.target (rows in path order: badnets, its a2a copy, clean)
+    targets = [line.split(" | ")[4] for line in zoo.write_table(root).read_text().splitlines()
+               if line.startswith("| digits |")]
+    assert targets == ["0", "–", "–"]
 
 
 def test_grid_resumes_without_double_counting(tiny_zoo, tmp_path):

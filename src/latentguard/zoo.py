@@ -86,6 +86,13 @@ def cell_reserve(cell: str | Path, train):
     return train.subset(np.asarray(json.loads((Path(cell) / "reserve_indices.json").read_text())["indices"]))
 
 
+def spec_target(spec: dict[str, Any] | None) -> int | None:
+    """The target class of a cell's attack spec; None for the clean model and for an all-to-all attack."""
+    if spec is None or spec.get("all_to_all"):
+        return None
+    return spec.get("target")
+
+
 @dataclass(frozen=True)
 class ZooModel:
     """One finished zoo cell, ready for a defense: its metrics, attack, clean reserve and model (eval mode)."""
@@ -101,9 +108,7 @@ class ZooModel:
     @property
     def target(self) -> int | None:
         """The backdoor's target class; None for the clean model and for an all-to-all attack."""
-        if self.spec is None or self.spec.get("all_to_all"):
-            return None
-        return self.spec.get("target")
+        return spec_target(self.spec)
 
     @property
     def asr(self) -> float | None:
@@ -240,7 +245,7 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
         rows.append({"dataset": rec.get("dataset", metrics.parent.parent.name), "cell": rec.get("cell", metrics.parent.name),
                      "acc": m["acc"], "asr": m.get("asr"), "ra": m.get("ra"), "minutes": m.get("minutes"),
                      "model": rec["parameters"]["model"], "epochs": rec["parameters"]["zoo"]["epochs"],
-                     "target": (rec["parameters"].get("attack") or {}).get("target"),
+                     "target": spec_target(rec["parameters"].get("attack")),
                      "attack_params": rec["parameters"]["zoo"].get("attack_params", {}).get(
                          rec.get("cell", metrics.parent.name), {}),
                      "fastest_epoch_s": min((e["seconds"] for e in rec.get("history", {}).get("epochs", [])),
