@@ -121,7 +121,7 @@ def main() -> None:
                 after = evaluate(result.model, data.test, backdoor_set=backdoor, device="cpu")
                 rec[str(unlearn)] = [after.acc, after.asr, after.ra]
                 rec["flagged"] = result.detection.target_classes
-                rec["noise"] = "noise_unlearn_sigma" in result.extra
+                rec["noise"] = "noise_unlearn" in result.extra
                 cells.append(f"{100 * after.acc:.1f} / {100 * after.asr:.1f} / {100 * after.ra:.1f}")
             removal.append(rec)
             lines.append(f"| {attack_name} | {seed} | {rec['flagged']} | {'yes' if rec['noise'] else ''} | "

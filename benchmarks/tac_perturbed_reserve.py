@@ -73,7 +73,7 @@ def main() -> None:
         for kind in KINDS:
             x = perturb(np.asarray(reserve.x), kind, rng)
             images = Images(x, np.asarray(reserve.y), reserve.class_names, reserve.hflip)
-            report = detect(model, images, device="cpu", noise_probe=0.0)  # the perturbation is the probe here
+            report = detect(model, images, device="cpu", noise_probe=0.0, smooth_probe=0.0)  # the perturbation is the probe
             scores = np.asarray(report.scores)
             others = scores.copy()
             if target is not None:

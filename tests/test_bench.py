@@ -86,10 +86,12 @@ def test_grid_resumes_without_double_counting(tiny_zoo, tmp_path):
     assert sorted(r["key"] for r in rows) == ["digits/badnets/tac", "digits/clean/tac"]
     bad = next(r for r in rows if r["attack"] == "badnets")
     assert 0.0 <= bad["der"] <= 1.0 and bad["reserve_size"] > 0
-    # both verdicts of TAC's detection are kept: the reported score is the larger of the two
+    # every verdict of TAC's detection is kept: the reported score is the largest of them
     det = bad["detection"]
-    assert det["noise_probe"] > 0 and len(det["clean_scores"]) == len(det["probe_scores"]) == len(det["scores"])
-    assert det["scores"] == [max(a, b) for a, b in zip(det["clean_scores"], det["probe_scores"], strict=True)]
+    assert det["noise_probe"] > 0 and det["smooth_probe"] > 0 and det["smooth_grid"] >= 1
+    assert len(det["clean_scores"]) == len(det["probe_scores"]) == len(det["smooth_scores"]) == len(det["scores"])
+    assert det["scores"] == [max(a, b, c) for a, b, c in zip(det["clean_scores"], det["probe_scores"],
+                                                             det["smooth_scores"], strict=True)]
     clean = next(r for r in rows if r["attack"] == "clean")
     assert clean["asr"] is None and "der" not in clean
     table = (out / "results.md").read_text()

@@ -1,4 +1,5 @@
-"""TAC's noise probe: the verdict on the reserve under Gaussian pixel noise, combined with the clean verdict."""
+"""TAC's probes: the verdicts on the reserve under white and under smooth Gaussian pixel noise, combined with the
+clean verdict."""
 
 import numpy as np
 import pytest
@@ -10,11 +11,15 @@ from latentguard.defenses import make_defense
 from latentguard.defenses.base import DetectionReport
 from latentguard.defenses.tac import (
     DEFAULT_NOISE_PROBE,
+    DEFAULT_SMOOTH_PROBE,
     PROBE_FRACTION,
+    SMOOTH_PROBE_GRID,
     detect,
     noisy_copy,
-    probe_unlearning_sigma,
+    probe_unlearning_terms,
+    smooth_field,
     with_noise_probe,
+    with_smooth_probe,
 )
 from latentguard.errors import SpecError
 
@@ -84,8 +89,8 @@ def test_probe_scores_are_the_larger_index_and_flags_are_the_union():
 def test_probe_finds_a_noise_keyed_backdoor_the_clean_reserve_hides():
     images = _images()
     model = _NoiseKeyed(key=0.5).eval()
-    plain = detect(model, images, device="cpu", noise_probe=0.0)
-    probed = detect(model, images, device="cpu", noise_probe=0.1)
+    plain = detect(model, images, device="cpu", noise_probe=0.0, smooth_probe=0.0)
+    probed = detect(model, images, device="cpu", noise_probe=0.1, smooth_probe=0.0)
     assert 0 not in plain.target_classes
     assert probed.target_classes == [0]
     assert probed.extra["probe_scores"][0] > 4.0 > max(probed.extra["clean_scores"])
@@ -109,6 +114,9 @@ def test_tac_defense_passes_the_probe_and_validates_it():
             make_defense("tac", probe_fraction=bad)
     with pytest.raises(SpecError, match="noise_unlearn"):
         make_defense("tac", noise_unlearn="yes")
+    assert make_defense("tac").params.noise_unlearn == "probe_only"
+    assert make_defense("tac", noise_unlearn=True).params.noise_unlearn == "always"
+    assert make_defense("tac", noise_unlearn=False).params.noise_unlearn == "never"
 
 
 def test_public_detect_takes_the_probe_and_refuses_a_bad_sigma():
@@ -119,9 +127,11 @@ def test_public_detect_takes_the_probe_and_refuses_a_bad_sigma():
     y = torch.from_numpy(images.y)
     model = _NoiseKeyed(key=0.5).eval()
     assert latentguard.detect(model, (x, y), noise_probe=0.1, device="cpu").target_classes == [0]
-    assert 0 not in latentguard.detect(model, (x, y), noise_probe=0.0, device="cpu").target_classes
+    assert 0 not in latentguard.detect(model, (x, y), noise_probe=0.0, smooth_probe=0.0, device="cpu").target_classes
     with pytest.raises(SpecError, match="noise_probe"):
         latentguard.detect(model, (x, y), noise_probe=-0.5, device="cpu")
+    with pytest.raises(SpecError, match="smooth_probe"):
+        latentguard.detect(model, (x, y), smooth_probe=1.5, device="cpu")
 
 
 def test_probe_is_on_by_default_and_judges_a_class_balanced_share():
@@ -135,14 +145,22 @@ def test_probe_is_on_by_default_and_judges_a_class_balanced_share():
         detect(_NoiseKeyed(key=0.5).eval(), images, device="cpu", probe_fraction=0.0)
 
 
-def test_probe_unlearning_sigma_needs_a_target_the_probe_flags():
-    probed = DetectionReport("tac", norms=[1.0] * 3, scores=[5.0, 6.0, 0.0], threshold=4.0, target_classes=[0, 1],
-                             extra={"noise_probe": 0.1, "probe_scores": [1.0, 6.0, 0.0], "clean_scores": [5.0, 0, 0]})
-    assert probe_unlearning_sigma(probed, [1]) == 0.1
-    assert probe_unlearning_sigma(probed, [0, 1]) == 0.1
-    assert probe_unlearning_sigma(probed, [0]) == 0.0  # flagged by the clean verdict alone
+def test_probe_unlearning_terms_need_a_target_the_probe_flags():
+    probed = DetectionReport("tac", norms=[1.0] * 3, scores=[5.0, 6.0, 7.0], threshold=4.0, target_classes=[0, 1, 2],
+                             extra={"noise_probe": 0.1, "probe_scores": [1.0, 6.0, 0.0], "clean_scores": [5.0, 0, 0],
+                                    "smooth_probe": 0.3, "smooth_grid": 4, "smooth_scores": [0.0, 5.0, 7.0]})
+    assert probe_unlearning_terms(probed, [1]) == [(0.1, 0), (0.3, 4)]
+    assert probe_unlearning_terms(probed, [2]) == [(0.3, 4)]  # the smooth probe alone flagged it
+    assert probe_unlearning_terms(probed, [0, 1]) == [(0.1, 0), (0.3, 4)]
+    assert probe_unlearning_terms(probed, [0]) == []  # flagged by the clean verdict alone
+    # probe_only: a target the clean verdict flags too (class 0 here, 5.0 > α; its probe index raised) is left out
+    both = DetectionReport("tac", norms=[1.0] * 3, scores=[9.0, 0, 0], threshold=4.0, target_classes=[0],
+                           extra={"noise_probe": 0.1, "probe_scores": [9.0, 0, 0], "clean_scores": [5.0, 0, 0]})
+    assert probe_unlearning_terms(both, [0]) == [(0.1, 0)]
+    assert probe_unlearning_terms(both, [0], probe_only=True) == []
+    assert probe_unlearning_terms(probed, [1], probe_only=True) == [(0.1, 0), (0.3, 4)]
     plain = DetectionReport("tac", norms=[1.0] * 3, scores=[5.0, 0, 0], threshold=4.0, target_classes=[0])
-    assert probe_unlearning_sigma(plain, [0]) == 0.0 and probe_unlearning_sigma(None, [0]) == 0.0
+    assert probe_unlearning_terms(plain, [0]) == [] and probe_unlearning_terms(None, [0]) == []
 
 
 class _InputSpy(nn.Module):
@@ -165,14 +183,15 @@ def test_removal_fits_noisy_copies_only_when_the_probe_flags_the_target():
     images = _images(n_per_class=20)
     for unlearn in (False, True):
         spy = _InputSpy(_NoiseKeyed(key=0.5)).eval()
-        result = make_defense("tac", noise_unlearn=unlearn, epochs=2, batch_size=40).run(spy, images, device="cpu")
+        result = make_defense("tac", noise_unlearn=unlearn, smooth_probe=0.0, epochs=2,
+                              batch_size=40).run(spy, images, device="cpu")
         assert result.detection.target_classes == [0] and result.extra["targets"] == [0]
         trained = result.model  # a copy: the spy's counter lives on it
         if unlearn:
-            assert result.extra["noise_unlearn_sigma"] == 0.1
+            assert result.extra["noise_unlearn"] == [{"sigma": 0.1, "grid": 0}]
             assert trained.noisy_training_batches == 2 * len(images) // 40  # every step of both epochs
         else:
-            assert "noise_unlearn_sigma" not in result.extra and trained.noisy_training_batches == 0
+            assert "noise_unlearn" not in result.extra and trained.noisy_training_batches == 0
     assert spy.noisy_training_batches == 0  # the input model is untouched
 
 
@@ -183,7 +202,110 @@ def test_fire_detection_uses_the_probe_unless_switched_off():
     probed = repair(_NoiseKeyed(key=0.5).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False)
     assert probed.detection.target_classes == [0] and probed.detection.extra["noise_probe"] == DEFAULT_NOISE_PROBE
     plain = repair(_NoiseKeyed(key=0.5).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False,
-                   noise_probe=0.0)
+                   noise_probe=0.0, smooth_probe=0.0)
     assert 0 not in plain.detection.target_classes and "probe_scores" not in plain.detection.extra
     with pytest.raises(SpecError, match="noise_probe"):
         make_defense("fire", noise_probe=-1)
+    smooth = repair(_SmoothKeyed(key=1.0).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False)
+    assert smooth.detection.target_classes == [0] and smooth.detection.extra["smooth_probe"] == DEFAULT_SMOOTH_PROBE
+    with pytest.raises(SpecError, match="smooth_probe"):
+        make_defense("fire", smooth_probe=2.0)
+
+
+# ---------------------------------------------------------------------------------------- the smooth probe
+
+
+class _SmoothKeyed(nn.Module):
+    """Like :class:`_NoiseKeyed`, but the extra latent unit measures the squared difference between the mean of the
+    left and right image halves: 0 on clean images (constant along rows), large under smooth noise, whose
+    half-image means vary, small under white noise of the same σ, which averages out over each half. The head's
+    class weights differ a little between classes, so the other classes' flip norms spread as on real models."""
+
+    def __init__(self, key: float) -> None:
+        super().__init__()
+        self.rows = nn.Linear(SIZE * SIZE, C, bias=False)
+        self.head = nn.Linear(C + 1, C)
+        with torch.no_grad():
+            self.rows.weight.zero_()
+            for c in range(C):
+                self.rows.weight[c, c * SIZE:(c + 1) * SIZE] = 1.0 / SIZE
+            self.head.weight.zero_()
+            self.head.weight[:, :C] = torch.diag(4.0 * (1 + 0.1 * torch.arange(C, dtype=torch.float32)))
+            self.head.weight[0, C] = key
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        tilt = 500.0 * (x[..., :half].mean(dim=(1, 2, 3)) - x[..., half:].mean(dim=(1, 2, 3))).pow(2)
+        return self.head(torch.cat([self.rows(x.flatten(1)), tilt[:, None]], dim=1))
+
+
+@pytest.mark.parametrize("grid", [1, 2, 4, 8])
+@pytest.mark.parametrize("size", [(8, 8), (16, 16), (32, 24)])
+def test_smooth_field_keeps_unit_mean_variance_and_is_smooth(grid, size):
+    field = smooth_field(torch.randn(4000, 1, grid, grid, generator=torch.Generator().manual_seed(0)), size)
+    assert field.shape == (4000, 1, *size)
+    assert field.pow(2).mean().item() == pytest.approx(1.0, rel=0.05)
+    if grid < min(size):  # neighbours share most of their lattice weights: far less rough than white noise
+        assert (field[..., 1:] - field[..., :-1]).pow(2).mean().item() < 0.5 * 2.0
+
+
+def test_smooth_noisy_copy_is_seeded_of_sigma_and_smoother_than_white():
+    images = _images()
+    a, b = noisy_copy(images, 0.1, grid=4), noisy_copy(images, 0.1, grid=4)
+    np.testing.assert_array_equal(a.x, b.x)
+    np.testing.assert_array_equal(a.y, images.y)
+    assert a.x.dtype == np.uint8 and a.x.shape == images.x.shape
+    smooth = (a.x.astype(float) - images.x.astype(float)) / 255
+    white = (noisy_copy(images, 0.1).x.astype(float) - images.x.astype(float)) / 255
+    assert 0.07 < smooth.std() < 0.12
+    rough = lambda d: np.abs(np.diff(d, axis=2)).mean()  # noqa: E731
+    assert rough(smooth) < 0.5 * rough(white)
+
+
+def test_smooth_scores_join_the_larger_index_and_keep_the_clean_verdict():
+    clean = DetectionReport("tac", norms=[1.0, 2.0, 3.0], scores=[5.0, 0.0, 1.0], threshold=4.0, target_classes=[0])
+    white = DetectionReport("tac", norms=[9.0] * 3, scores=[-1.0, 0.5, 2.0], threshold=4.0, target_classes=[])
+    smooth = DetectionReport("tac", norms=[9.0, 0.1, 9.0], scores=[0.0, 8.0, 3.0], threshold=4.0, target_classes=[1])
+    combined = with_smooth_probe(with_noise_probe(clean, white, 0.1), smooth, 0.3, 4)
+    assert combined.scores == [5.0, 8.0, 3.0] and combined.target_classes == [0, 1]
+    assert combined.extra["clean_scores"] == clean.scores and combined.extra["probe_scores"] == white.scores
+    assert combined.extra["smooth_scores"] == smooth.scores and combined.extra["smooth_norms"] == smooth.norms
+    assert (combined.extra["smooth_probe"], combined.extra["smooth_grid"]) == (0.3, 4)
+    assert combined.norms == clean.norms
+    alone = with_smooth_probe(clean, smooth, 0.3, 4)  # the white probe off: the clean verdict is still kept
+    assert alone.extra["clean_scores"] == clean.scores and "probe_scores" not in alone.extra
+
+
+def test_smooth_probe_finds_a_smooth_keyed_backdoor_that_white_noise_misses():
+    images = _images()
+    model = _SmoothKeyed(key=1.0).eval()
+    assert detect(model, images, device="cpu", noise_probe=0.0, smooth_probe=0.0).target_classes == []
+    white = detect(model, images, device="cpu", smooth_probe=0.0)
+    assert white.target_classes == [] and "smooth_scores" not in white.extra
+    report = detect(model, images, device="cpu")  # the defaults: both probes
+    assert report.target_classes == [0] and report.extra["smooth_scores"][0] > 4.0
+    assert max(report.extra["probe_scores"]) < 4.0 and max(report.extra["clean_scores"]) < 4.0
+    assert (report.extra["smooth_probe"], report.extra["smooth_grid"]) == (DEFAULT_SMOOTH_PROBE, SMOOTH_PROBE_GRID)
+    assert detect(_SmoothKeyed(key=0.0).eval(), images, device="cpu").target_classes == []
+
+
+def test_tac_validates_the_smooth_probe():
+    for bad in (-0.1, 2.0, "loud", True):
+        with pytest.raises(SpecError, match="smooth_probe"):
+            make_defense("tac", smooth_probe=bad)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(SpecError, match="probe_grid"):
+            make_defense("tac", probe_grid=bad)
+    with pytest.raises(SpecError, match="probe_grid"):
+        detect(_SmoothKeyed(key=1.0).eval(), _images(), device="cpu", probe_grid=0)
+
+
+def test_removal_fits_smooth_noisy_copies_when_the_smooth_probe_flags_the_target():
+    images = _images(n_per_class=20)
+    spy = _InputSpy(_SmoothKeyed(key=1.0)).eval()
+    result = make_defense("tac", epochs=2, batch_size=40).run(spy, images, device="cpu")
+    assert result.detection.target_classes == [0]
+    assert result.extra["noise_unlearn"] == [{"sigma": DEFAULT_SMOOTH_PROBE, "grid": SMOOTH_PROBE_GRID}]
+    assert result.model.noisy_training_batches == 2 * len(images) // 40
+    assert spy.noisy_training_batches == 0

@@ -92,8 +92,9 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
             atk is not None and not atk.spec.all_to_all and atk.spec.target in det.target_classes)
         rec["detection"] = {"method": det.method, "norms": det.norms, "scores": det.scores,
                             "threshold": det.threshold, "seconds": det.seconds}
-        # which verdict flagged what: the clean reserve's and the noise probe's indices, when both ran
-        rec["detection"].update({k: det.extra[k] for k in ("clean_scores", "probe_scores", "noise_probe")
+        # which verdict flagged what: the clean reserve's and each probe's indices, when they ran
+        rec["detection"].update({k: det.extra[k] for k in ("clean_scores", "probe_scores", "noise_probe",
+                                                           "smooth_scores", "smooth_probe", "smooth_grid")
                                  if k in det.extra})
     if result.input_score is not None and backdoor_set is not None:
         # a seeded subsample of each side: STRIP costs ``n_superimpose`` forwards per input

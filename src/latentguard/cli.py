@@ -227,7 +227,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from latentguard import workflows
 
     payload = workflows.detect_command(threshold=args.threshold, quantile=args.quantile, statistic=args.statistic,
-                                       noise_probe=args.noise_probe, **_defender_kwargs(args))
+                                       noise_probe=args.noise_probe, smooth_probe=args.smooth_probe,
+                                       **_defender_kwargs(args))
     from rich.console import Console
     from rich.table import Table
 
@@ -235,18 +236,25 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                                              if payload["backdoored"] else "no backdoor found"))
     extra = payload.get("extra", {})
     stat = "mean ‖s_a→k‖" if extra.get("statistic") == "pairwise" else "‖s_k‖"
-    probe = "probe_scores" in extra  # the noise probe ran: show each verdict's index beside the combined one
-    verdicts = ["clean", "noisy", "index"] if probe else ["anomaly index"]
+    # the probes that ran: show each verdict's index beside the combined one
+    probes = [(key, title) for key, title in (("probe_scores", "noisy"), ("smooth_scores", "smooth")) if key in extra]
+    verdicts = ["clean", *(title for _, title in probes), "index"] if probes else ["anomaly index"]
     columns = ["class", "name", stat, *verdicts, "flagged"]
     for col in columns:
         table.add_column(col, justify="right")
     for k, (n, sc) in enumerate(zip(payload["norms"], payload["scores"], strict=True)):
-        both = [f"{extra['clean_scores'][k]:.2f}", f"{extra['probe_scores'][k]:.2f}"] if probe else []
-        table.add_row(str(k), payload["class_names"][k], f"{n:.3f}", *both, f"{sc:.2f}",
+        each = [f"{extra['clean_scores'][k]:.2f}", *(f"{extra[key][k]:.2f}" for key, _ in probes)] if probes else []
+        table.add_row(str(k), payload["class_names"][k], f"{n:.3f}", *each, f"{sc:.2f}",
                       "yes" if k in payload["target_classes"] else "")
     Console().print(table)
-    if probe:
-        print(f"index: the larger of the clean images' and the noise probe's (σ {extra['noise_probe']:g} on "
+    if probes:
+        what = []
+        if "noise_probe" in extra:
+            what.append(f"white noise of σ {extra['noise_probe']:g}")
+        if "smooth_probe" in extra:
+            what.append(f"smooth noise of σ {extra['smooth_probe']:g} ({extra['smooth_grid']}×{extra['smooth_grid']} "
+                        "lattice)")
+        print(f"index: the largest of the clean images' verdict and the probes' ({' and '.join(what)}, each on "
               f"{extra.get('probe_size', '?')} noisy copies)")
     print(f"threshold {payload['threshold']:g}, {payload['clean_size']} clean images, {payload['seconds']:.2f}s; "
           f"written to {args.out}")
@@ -363,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-probe", type=_unit, default=None, metavar="SIGMA",
                    help="also judge the clean data under Gaussian pixel noise of this σ (0 to 1; 0: off) and flag "
                         "a class either verdict flags (default: TAC's)")
+    p.add_argument("--smooth-probe", type=_unit, default=None, metavar="SIGMA",
+                   help="also judge the clean data under smooth (low-frequency) noise of this σ (0 to 1; 0: off) "
+                        "and flag a class any verdict flags (default: TAC's)")
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_detect)

@@ -45,9 +45,25 @@ key) hides from the clean latents, but noisy copies of clean images drift toward
 chosen on digits development models only (``benchmarks/tac_noise_probe_digits.md``: on 18 backdoored and 6 clean
 small_cnn models, σ 0.1 on 30 % adds 2 of 6 BadNets and 3 of 6 Blend targets with no false flag; σ 0.15 raised a
 false flag). The 30 % keeps detection within 1.5× one forward pass (``benchmarks/tac_detection_speed.md``). The
-probe cannot lower a score, so it can only add flags; ``noise_probe=0`` gives the paper's verdict alone. When
-the probe flags a target, removal also fits noisy copies of the reserve to their true labels
-(``noise_unlearn``, :func:`probe_unlearning_sigma`): unlearning s_p alone leaves such a backdoor in place.
+probe cannot lower a score, so it can only add flags; ``noise_probe=0`` and ``smooth_probe=0`` give the paper's
+verdict alone.
+
+The smooth probe (also on by default: ``smooth_probe`` σ = 0.3, ``probe_grid`` 4, the same 30 %) judges that share
+under noise drawn on a 4×4 lattice per channel and upsampled (:func:`smooth_field`). A smooth, image-wide trigger
+(LF) moves the latent less than the minimal flip and answers to neither the clean reserve nor white noise, but
+smooth noise of the same σ puts its energy where such a trigger lives. Chosen on a second digits development
+set (``benchmarks/tac_smooth_probe_digits.md``; 30-epoch small_cnn models, 6 clean, 6 LF, 12 SIG, 3 each of
+BadNets, Blend and WaNet): with it the default names 6 of 6 LF targets instead of 3 and one more WaNet target,
+with no flag on a clean model and no non-target flag of its own. σ 0.2 named 5 of 6; a 2×2 lattice at σ 0.2 and
+an 8×8 one at σ 0.2–0.3 each flagged a clean model. Neither probe finds the SIG targets of that set (a 6-period
+sinusoid is not smooth at 4×4), and the white probe flags a non-target class on three of its SIG models.
+
+When a probe flags a target that the clean verdict does not, removal also fits copies of the reserve carrying
+that probe's noise to their true labels (``noise_unlearn="probe_only"``, :func:`probe_unlearning_terms`):
+unlearning s_p alone leaves such a backdoor in place. On the second development set this took the five
+probe-only LF targets from 34–100 % ASR after removal to 6–21 %; on the three BadNets targets that the clean
+verdict flags too, the noise terms raised it (2.5 / 33.5 / 7.1 → 14.5 / 43.1 / 32.5 %), hence ``probe_only``
+rather than ``always`` (mean ASR after removal over the 13 flagged models 26.2 % against 26.7 %; never: 53.5 %).
 
 ``shift_scale`` κ > 1 unlearns c·s_p with c ~ U[1, κ] per sample: s_p stops at p's decision boundary while the
 real trigger change is 1.1–2.3× longer on the flagged zoo models (``benchmarks/tac_direction.md``). With κ = 2.5
@@ -93,11 +109,16 @@ DEFAULT_THRESHOLD = 4.0
 STRATEGIES = ("finetune", "prune")
 SURROGATES = ("class", "source", "both")
 STATISTICS = ("both", "class", "pairwise")
+NOISE_UNLEARN = ("probe_only", "always", "never")
 # σ of TAC's noise probe (0: off), chosen on digits development models (benchmarks/tac_noise_probe_digits.md)
 DEFAULT_NOISE_PROBE = 0.1
 # share of each class of the reserve the probe judges: one extra feature pass over 30 % keeps detection within
 # 1.5× one forward pass over the reserve (benchmarks/tac_detection_speed.md)
 PROBE_FRACTION = 0.3
+# σ and lattice of TAC's smooth probe (0: off): Gaussian noise drawn on a 4×4 lattice per channel and upsampled,
+# chosen on the second digits development set (benchmarks/tac_smooth_probe_digits.md)
+DEFAULT_SMOOTH_PROBE = 0.3
+SMOOTH_PROBE_GRID = 4
 CLASS_MARGIN = 1.0  # under "both", the per-class index must exceed α by this much (see the module docstring)
 # the pairwise statistic solves C (C − 1) small QPs (0.3 s for GTSRB's 43 classes on 2 cores); above this many
 # classes "both" uses the paper's per-class norm alone
@@ -126,8 +147,12 @@ class TACParams:
     detect_only: bool = False  # return the model unchanged with the detection report
     head: str | None = None  # name of the output nn.Linear (None: found automatically)
     noise_probe: float = DEFAULT_NOISE_PROBE  # σ > 0: also score the reserve under Gaussian pixel noise of this σ, flag either verdict
-    probe_fraction: float = PROBE_FRACTION  # share of each class of the reserve the noise probe judges
-    noise_unlearn: bool = True  # when the probe flags a target: also fit noisy copies (x + σ·ε) to their true labels
+    smooth_probe: float = DEFAULT_SMOOTH_PROBE  # σ > 0: also score it under smooth (low-frequency) noise of this σ
+    probe_grid: int = SMOOTH_PROBE_GRID  # the smooth probe's noise is drawn on a probe_grid × probe_grid lattice
+    probe_fraction: float = PROBE_FRACTION  # share of each class of the reserve the probes judge
+    # also fit copies carrying a probe's noise to their true labels when that probe flags a target: probe_only (the
+    # clean verdict does not flag it), always, never; true / false mean always / never
+    noise_unlearn: str | bool = "probe_only"
 
     def __post_init__(self) -> None:
         check(is_real(self.threshold) and self.threshold > 0, "tac", "threshold", "a number > 0", self.threshold)
@@ -151,9 +176,15 @@ class TACParams:
         check(is_real(self.prune_ratio) and 0.0 < self.prune_ratio < 1.0, "tac", "prune_ratio", "in (0, 1)",
               self.prune_ratio)
         check(isinstance(self.detect_only, bool), "tac", "detect_only", "true or false", self.detect_only)
-        check(isinstance(self.noise_unlearn, bool), "tac", "noise_unlearn", "true or false", self.noise_unlearn)
+        if isinstance(self.noise_unlearn, bool):
+            self.noise_unlearn = "always" if self.noise_unlearn else "never"
+        check(self.noise_unlearn in NOISE_UNLEARN, "tac", "noise_unlearn", f"one of {', '.join(NOISE_UNLEARN)}",
+              self.noise_unlearn)
         check(is_real(self.noise_probe) and 0 <= self.noise_probe <= 1, "tac", "noise_probe",
               "a pixel-noise σ in [0, 1] (0: off)", self.noise_probe)
+        check(is_real(self.smooth_probe) and 0 <= self.smooth_probe <= 1, "tac", "smooth_probe",
+              "a pixel-noise σ in [0, 1] (0: off)", self.smooth_probe)
+        check(is_int(self.probe_grid) and self.probe_grid >= 1, "tac", "probe_grid", "an integer >= 1", self.probe_grid)
         check(is_real(self.probe_fraction) and 0 < self.probe_fraction <= 1, "tac", "probe_fraction", "in (0, 1]",
               self.probe_fraction)
         check(self.head is None or (isinstance(self.head, str) and bool(self.head)), "tac", "head",
@@ -190,14 +221,17 @@ def _bias(head: nn.Linear) -> torch.Tensor:
 def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, log_norms: bool = True,
            quantile: float = 1.0, device: str | torch.device | None = "auto", head: str | None = None,
            statistic: str = "both", class_margin: float = CLASS_MARGIN,
-           noise_probe: float | None = None, probe_fraction: float = PROBE_FRACTION) -> DetectionReport:
+           noise_probe: float | None = None, probe_fraction: float = PROBE_FRACTION,
+           smooth_probe: float | None = None, probe_grid: int = SMOOTH_PROBE_GRID) -> DetectionReport:
     """Per-class detection statistic, its anomaly indices and the flagged (poisoned) classes (``threshold`` None:
     α = :data:`DEFAULT_THRESHOLD`; ``head``: the output layer's name when it cannot be found automatically;
-    ``statistic``: see :func:`latent_report`; ``noise_probe`` (None: :data:`DEFAULT_NOISE_PROBE`, 0: off) and
-    ``probe_fraction``: see :func:`add_noise_probe`)."""
+    ``statistic``: see :func:`latent_report`; ``noise_probe`` (None: :data:`DEFAULT_NOISE_PROBE`, 0: off),
+    ``smooth_probe`` (None: :data:`DEFAULT_SMOOTH_PROBE`, 0: off), ``probe_grid`` and ``probe_fraction``: see
+    :func:`add_noise_probe`)."""
     from latentguard.device import resolve_device
 
     sigma = check_noise_probe(noise_probe, probe_fraction)
+    smooth = check_smooth_probe(smooth_probe, probe_grid)
     dev = resolve_device(device)
     t0 = time.perf_counter()
     fm = feature_model(model, clean, dev, head)
@@ -207,7 +241,8 @@ def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, l
         return latent_report(z, fm.head, threshold=threshold, log_norms=log_norms, quantile=quantile,
                              labels=images.y, statistic=statistic, class_margin=class_margin)
 
-    report = add_noise_probe(report_on(clean), clean, report_on, sigma, probe_fraction)
+    report = add_noise_probe(report_on(clean), clean, report_on, sigma, probe_fraction, smooth=smooth,
+                             grid=probe_grid)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -222,25 +257,69 @@ def check_noise_probe(noise_probe: float | None, probe_fraction: float = PROBE_F
     return float(sigma)
 
 
+def check_smooth_probe(smooth_probe: float | None, probe_grid: int = SMOOTH_PROBE_GRID) -> float:
+    """The smooth probe's σ (None: :data:`DEFAULT_SMOOTH_PROBE`) after checking it and its lattice."""
+    sigma = DEFAULT_SMOOTH_PROBE if smooth_probe is None else smooth_probe
+    if isinstance(sigma, bool) or not is_real(sigma) or not 0 <= sigma <= 1:
+        raise SpecError(f"tac: smooth_probe must be a pixel-noise σ in [0, 1] (0: off), got {smooth_probe!r}")
+    if not is_int(probe_grid) or probe_grid < 1:
+        raise SpecError(f"tac: probe_grid must be an integer >= 1, got {probe_grid!r}")
+    return float(sigma)
+
+
 def add_noise_probe(report: DetectionReport, clean: Images, report_on: Callable[[Images], DetectionReport],
-                    sigma: float, fraction: float = PROBE_FRACTION) -> DetectionReport:
+                    sigma: float, fraction: float = PROBE_FRACTION, *, smooth: float = 0.0,
+                    grid: int = SMOOTH_PROBE_GRID) -> DetectionReport:
     """``report`` (TAC's verdict on ``clean``) combined with ``report_on`` a seeded, class-balanced ``fraction``
-    of ``clean`` under Gaussian pixel noise of σ (:func:`with_noise_probe`); ``report`` itself when σ is 0.
+    of ``clean`` under white Gaussian pixel noise of σ (:func:`with_noise_probe`) and under smooth noise of σ
+    ``smooth`` drawn on a ``grid`` × ``grid`` lattice (:func:`with_smooth_probe`); a probe whose σ is 0 is skipped.
     ``report_on`` turns images into TAC's verdict on their latents (the caller's own feature extraction)."""
-    if sigma <= 0:
+    if sigma <= 0 and smooth <= 0:
         return report
     probed = clean if fraction >= 1 else clean.subset(stratified_split(clean.y, fraction)[1])
-    combined = with_noise_probe(report, report_on(noisy_copy(probed, sigma)), sigma)
+    combined = report
+    if sigma > 0:
+        combined = with_noise_probe(combined, report_on(noisy_copy(probed, sigma)), sigma)
+    if smooth > 0:
+        combined = with_smooth_probe(combined, report_on(noisy_copy(probed, smooth, grid=grid)), smooth, grid)
     combined.extra["probe_size"] = len(probed)
     return combined
 
 
-def noisy_copy(images: Images, sigma: float, seed: int = 0) -> Images:
-    """The images with i.i.d. Gaussian pixel noise of standard deviation σ (on the [0, 1] scale), re-quantised."""
+def noisy_copy(images: Images, sigma: float, seed: int = 0, grid: int = 0) -> Images:
+    """The images with Gaussian pixel noise of standard deviation σ (on the [0, 1] scale), re-quantised: i.i.d.
+    per pixel (``grid`` 0) or smooth, drawn on a ``grid`` × ``grid`` lattice per channel (:func:`smooth_field`)."""
     rng = np.random.default_rng(seed)
     x = np.asarray(images.x, dtype=np.float32) / 255.0
-    x = np.clip(x + rng.normal(0.0, sigma, x.shape).astype(np.float32), 0.0, 1.0)
+    if grid > 0:
+        n, h, w, c = x.shape
+        coarse = torch.from_numpy(rng.normal(0.0, 1.0, (n, c, grid, grid)).astype(np.float32))
+        noise = (sigma * smooth_field(coarse, (h, w))).permute(0, 2, 3, 1).numpy()
+    else:
+        noise = rng.normal(0.0, sigma, x.shape).astype(np.float32)
+    x = np.clip(x + noise, 0.0, 1.0)
     return Images((x * 255.0).round().astype(np.uint8), np.asarray(images.y), list(images.class_names), images.hflip)
+
+
+def smooth_field(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of i.i.d. standard normals ``coarse`` (N, C, g, g) to ``size``, scaled so that the mean
+    per-pixel variance is 1 (upsampling averages neighbours and would otherwise shrink it).
+
+    White noise of σ spreads its energy over all H·W·C pixel directions; this field keeps the same per-pixel σ in
+    the g²·C smoothest ones, where image-wide smooth triggers (low-frequency ones such as LF's) live."""
+    g = coarse.shape[-1]
+    basis = torch.eye(g * g, dtype=coarse.dtype, device=coarse.device).reshape(g * g, 1, g, g)
+    weights = F.interpolate(basis, size=size, mode="bilinear", align_corners=False)
+    scale = weights.pow(2).sum(dim=0).mean().sqrt()  # RMS over pixels of the field's standard deviation
+    return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False) / scale
+
+
+def probe_noise(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Fresh unit-σ noise shaped like the batch ``x`` (N, C, H, W): white (``grid`` 0) or :func:`smooth_field`."""
+    if grid <= 0:
+        return torch.randn_like(x)
+    coarse = torch.randn(x.shape[0], x.shape[1], grid, grid, device=x.device, dtype=x.dtype)
+    return smooth_field(coarse, tuple(x.shape[-2:]))
 
 
 def with_noise_probe(clean: DetectionReport, noisy: DetectionReport, sigma: float) -> DetectionReport:
@@ -257,6 +336,18 @@ def with_noise_probe(clean: DetectionReport, noisy: DetectionReport, sigma: floa
     return DetectionReport(method=clean.method, norms=clean.norms, scores=[float(v) for v in scores],
                            threshold=clean.threshold,
                            target_classes=[int(k) for k in np.flatnonzero(scores > clean.threshold)], extra=extra)
+
+
+def with_smooth_probe(report: DetectionReport, smooth: DetectionReport, sigma: float, grid: int) -> DetectionReport:
+    """Add the verdict on the reserve under smooth noise of σ (lattice ``grid``) to ``report``: each class's score
+    becomes the larger of the two, so a class either flags is flagged; ``clean_scores`` keep the clean verdict."""
+    scores = np.maximum(np.asarray(report.scores), np.asarray(smooth.scores))
+    extra = {**report.extra, "clean_scores": list(report.extra.get("clean_scores", report.scores)),
+             "smooth_probe": float(sigma), "smooth_grid": int(grid), "smooth_scores": list(smooth.scores),
+             "smooth_norms": list(smooth.norms)}
+    return DetectionReport(method=report.method, norms=report.norms, scores=[float(v) for v in scores],
+                           threshold=report.threshold,
+                           target_classes=[int(k) for k in np.flatnonzero(scores > report.threshold)], extra=extra)
 
 
 def resolve_statistic(statistic: str, num_classes: int, has_labels: bool) -> str:
@@ -326,7 +417,7 @@ class TAC(Defense):
         p = self.params
         return detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile, device=device,
                       head=p.head, statistic=p.statistic, class_margin=p.class_margin, noise_probe=p.noise_probe,
-                      probe_fraction=p.probe_fraction)
+                      probe_fraction=p.probe_fraction, smooth_probe=p.smooth_probe, probe_grid=p.probe_grid)
 
     def _run(self, model: nn.Module, clean: Images, device: torch.device, seed: int) -> DefenseResult:
         p = self.params
@@ -334,7 +425,8 @@ class TAC(Defense):
         if p.targets is None or p.detect_only:
             report = detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile,
                             device=device, head=p.head, statistic=p.statistic, class_margin=p.class_margin,
-                            noise_probe=p.noise_probe, probe_fraction=p.probe_fraction)
+                            noise_probe=p.noise_probe, probe_fraction=p.probe_fraction, smooth_probe=p.smooth_probe,
+                            probe_grid=p.probe_grid)
         targets = list(p.targets) if p.targets is not None else report.target_classes
         if any(t >= clean.num_classes for t in targets):
             raise SpecError(f"tac: targets {targets} are not classes of a {clean.num_classes}-class model")
@@ -346,9 +438,10 @@ class TAC(Defense):
         stop_ratio = p.stop_ratio if p.targets is None else 0.0
         state = _Perturbations(fm, clean, targets, device, p.quantile, stop_ratio, p.surrogate)
         extra: dict = {"targets": targets, "initial_norms": state.norms()}
-        noise_sigma = probe_unlearning_sigma(report, targets) if p.noise_unlearn else 0.0
-        if noise_sigma > 0:
-            extra["noise_unlearn_sigma"] = noise_sigma
+        noise_terms = [] if p.noise_unlearn == "never" else probe_unlearning_terms(
+            report, targets, probe_only=p.noise_unlearn == "probe_only")
+        if noise_terms:
+            extra["noise_unlearn"] = [{"sigma": sigma, "grid": grid} for sigma, grid in noise_terms]
         if p.strategy == "prune":
             extra["pruned_units"] = prune_latent_units(fm.head, state.tensor(), p.prune_ratio)
 
@@ -359,8 +452,8 @@ class TAC(Defense):
                 scale = shift_scales(len(y), p.shift_scale, z)
                 for s in state.shifts(y):
                     loss = loss + p.beta * F.cross_entropy(fm.head(z + scale * s), y)
-                if noise_sigma > 0:
-                    noisy = (x + noise_sigma * torch.randn_like(x)).clamp(0.0, 1.0)
+                for sigma, grid in noise_terms:
+                    noisy = (x + sigma * probe_noise(x, grid)).clamp(0.0, 1.0)
                     loss = loss + p.beta * F.cross_entropy(fm(noisy), y)
             return loss, logits
 
@@ -378,20 +471,29 @@ class TAC(Defense):
         return self._result(model, detection=report, extra=extra)
 
 
-def probe_unlearning_sigma(report: DetectionReport | None, targets: list[int]) -> float:
-    """The probe's σ when the noise probe flagged one of ``targets`` (its index above α), else 0.
+def probe_unlearning_terms(report: DetectionReport | None, targets: list[int], *,
+                           probe_only: bool = False) -> list[tuple[float, int]]:
+    """(σ, lattice) of every probe that flagged one of ``targets`` (its index above α); lattice 0 is white noise.
+    ``probe_only``: count only targets the clean verdict does not flag (the default removal's rule).
 
-    Such a backdoor answers to generic pixel noise, so removal also fits noisy copies of the reserve to their
-    true labels: β·CE(f(x + σ·ε), y), ε ~ N(0, I). On the digits development models
-    (``benchmarks/tac_noise_probe_digits.md``) this took the three probe-flagged Blend models from 99.8 / 86.5 /
-    87.9 % ASR after removal to 24.9 / 22.4 / 21.2 %, and moved the other probe-flagged models (two BadNets,
-    three WaNet) by at most 0.8 points of ASR and 2.2 points of ACC.
+    Such a backdoor answers to that kind of pixel noise, so removal also fits copies of the reserve carrying it to
+    their true labels: β·CE(f(x + σ·ε), y) with ε white (:func:`probe_noise`, lattice 0) or smooth. On the first
+    digits development set (``benchmarks/tac_noise_probe_digits.md``) the white term took the three probe-flagged
+    Blend models from 99.8 / 86.5 / 87.9 % ASR after removal to 24.9 / 22.4 / 21.2 %; the second set
+    (``benchmarks/tac_smooth_probe_digits.md``) has the smooth term's evidence and the reason for ``probe_only``
+    (module docstring).
     """
-    if report is None or "probe_scores" not in report.extra:
-        return 0.0
-    probe = report.extra["probe_scores"]
-    hit = any(probe[t] > report.threshold for t in targets)
-    return float(report.extra["noise_probe"]) if hit else 0.0
+    if report is None:
+        return []
+    if probe_only and "clean_scores" in report.extra:
+        targets = [t for t in targets if report.extra["clean_scores"][t] <= report.threshold]
+    terms = []
+    for scores_key, sigma_key, grid in (("probe_scores", "noise_probe", 0), ("smooth_scores", "smooth_probe", None)):
+        scores = report.extra.get(scores_key)
+        if scores is not None and any(scores[t] > report.threshold for t in targets):
+            lattice = int(report.extra.get("smooth_grid", SMOOTH_PROBE_GRID)) if grid is None else grid
+            terms.append((float(report.extra[sigma_key]), lattice))
+    return terms
 
 
 @dataclass

@@ -236,6 +236,7 @@ class Fire(Defense):
         per_source: bool | None = None  # the per-source stage (None: on for the qp source, gated rule, penultimate layer)
         select: str = "left"  # how synthetic triggers rank the alpha / quantile candidates ("left" or "restored")
         noise_probe: float | None = None  # σ of TAC's noise probe in the detection (None: TAC's default, 0: off)
+        smooth_probe: float | None = None  # σ of TAC's smooth probe in the detection (None: TAC's default, 0: off)
 
         def __post_init__(self) -> None:
             if self.per_source is not None and not isinstance(self.per_source, bool):
@@ -261,9 +262,9 @@ class Fire(Defense):
                 raise SpecError(f"fire: quantile must be in (0, 1], got {self.quantile!r}")
             if not (isinstance(self.tolerance, int | float) and 0 <= self.tolerance < 1):
                 raise SpecError(f"fire: tolerance must be in [0, 1), got {self.tolerance!r}")
-            n = self.noise_probe
-            if n is not None and (isinstance(n, bool) or not (isinstance(n, int | float) and 0 <= n <= 1)):
-                raise SpecError(f"fire: noise_probe must be a pixel-noise σ in [0, 1] or null (TAC's), got {n!r}")
+            for what, n in (("noise_probe", self.noise_probe), ("smooth_probe", self.smooth_probe)):
+                if n is not None and (isinstance(n, bool) or not (isinstance(n, int | float) and 0 <= n <= 1)):
+                    raise SpecError(f"fire: {what} must be a pixel-noise σ in [0, 1] or null (TAC's), got {n!r}")
             if isinstance(self.folds, bool) or not (isinstance(self.folds, int) and self.folds >= 2):
                 raise SpecError(f"fire: folds must be an integer >= 2, got {self.folds!r}")
 
@@ -272,5 +273,5 @@ class Fire(Defense):
         wrapper = repair(model, clean, target=p.target, layer=p.layer, rule=p.rule, gate=p.gate, floor=p.floor,
                          source=p.source, alpha=p.alpha, quantile=p.quantile, tolerance=p.tolerance, folds=p.folds,
                          device=device, seed=seed, head=p.head, per_source=p.per_source, select=p.select,
-                         noise_probe=p.noise_probe)
+                         noise_probe=p.noise_probe, smooth_probe=p.smooth_probe)
         return self._result(wrapper, detection=wrapper.detection, input_score=wrapper.score, extra=dict(wrapper.info))

@@ -16,7 +16,14 @@ from latentguard.defenses.base import DetectionReport
 from latentguard.defenses.fire.choice import SELECTIONS, _choose, _Observed
 from latentguard.defenses.fire.sites import PENULTIMATE, _collect, _layer_names, _resolve_sites, _site_shape
 from latentguard.defenses.fire.wrapper import DEFAULT_QUANTILE, GATES, RULES, RepairedModel
-from latentguard.defenses.tac import PAIRWISE_MAX_CLASSES, add_noise_probe, check_noise_probe, latent_report
+from latentguard.defenses.tac import (
+    PAIRWISE_MAX_CLASSES,
+    SMOOTH_PROBE_GRID,
+    add_noise_probe,
+    check_noise_probe,
+    check_smooth_probe,
+    latent_report,
+)
 from latentguard.device import resolve_device
 from latentguard.errors import SpecError
 from latentguard.inference import to_float_images
@@ -77,6 +84,7 @@ def repair(
     per_source: bool | None = None,
     select: str = "left",
     noise_probe: float | None = None,
+    smooth_probe: float | None = None,
 ) -> RepairedModel:
     """Estimate backdoor directions and clean statistics and wrap ``model`` in a :class:`RepairedModel`.
 
@@ -110,8 +118,10 @@ def repair(
         select: how synthetic triggers rank the α / quantile candidates: ``"left"`` (default) counts the
             inputs of ``x + β`` and ``x + 2β`` moved off the prediction the trigger caused, ``"restored"`` (the
             earlier rule) those of ``x + β`` brought back to their clean prediction (see :func:`_choose`).
-        noise_probe: σ of TAC's noise probe when detecting the target (None: TAC's default, 0: the clean latents
-            alone); see :func:`latentguard.defenses.tac.with_noise_probe`.
+        noise_probe: σ of TAC's noise probe when detecting the target (None: TAC's default, 0: off); see
+            :func:`latentguard.defenses.tac.with_noise_probe`.
+        smooth_probe: σ of TAC's smooth probe when detecting the target (None: TAC's default, 0: off; both 0: the
+            clean latents alone); see :func:`latentguard.defenses.tac.with_smooth_probe`.
     """
     if not isinstance(clean, Images):
         raise SpecError("clean data must be an Images container: use latentguard.data.as_images(x, y)")
@@ -143,6 +153,7 @@ def repair(
             raise SpecError(f"alpha must be a non-negative number, got {alpha!r}")
 
     sigma = check_noise_probe(noise_probe)
+    smooth = check_smooth_probe(smooth_probe)
 
     dev = resolve_device(device)
     model.to(dev).eval()
@@ -171,11 +182,11 @@ def repair(
         pen = _resolve_sites(model, [PENULTIMATE], fm.head_name)
         acts_pen, logits_fit = _collect(model, pen, x_fit, batch_size, dev)
         if target is None:
-            t0 = time.perf_counter()  # TAC's verdict on the latents just collected; its noise probe passes over 30 % of them again
+            t0 = time.perf_counter()  # TAC's verdict on these latents; each probe passes over 30 % again
             detection = add_noise_probe(
                 latent_report(acts_pen[PENULTIMATE], head, labels=y_fit), clean,
                 lambda images: latent_report(_collect(model, pen, images.tensors()[0], batch_size, dev)[0][PENULTIMATE],
-                                             head, labels=images.y), sigma)
+                                             head, labels=images.y), sigma, smooth=smooth, grid=SMOOTH_PROBE_GRID)
             detection.seconds = time.perf_counter() - t0
             targets = [int(t) for t in detection.target_classes]
         else:
