@@ -215,24 +215,16 @@ def test_fire_detection_uses_the_probe_unless_switched_off():
 # ---------------------------------------------------------------------------------------- the smooth probe
 
 
-class _SmoothKeyed(nn.Module):
+class _SmoothKeyed(_NoiseKeyed):
     """Like :class:`_NoiseKeyed`, but the extra latent unit measures the squared difference between the mean of the
     left and right image halves: 0 on clean images (constant along rows), large under smooth noise, whose
     half-image means vary, small under white noise of the same σ, which averages out over each half. The head's
     class weights differ a little between classes, so the other classes' flip norms spread as on real models."""
 
     def __init__(self, key: float) -> None:
-        super().__init__()
-        self.rows = nn.Linear(SIZE * SIZE, C, bias=False)
-        self.head = nn.Linear(C + 1, C)
+        super().__init__(key)
         with torch.no_grad():
-            self.rows.weight.zero_()
-            for c in range(C):
-                self.rows.weight[c, c * SIZE:(c + 1) * SIZE] = 1.0 / SIZE
-            self.head.weight.zero_()
             self.head.weight[:, :C] = torch.diag(4.0 * (1 + 0.1 * torch.arange(C, dtype=torch.float32)))
-            self.head.weight[0, C] = key
-            self.head.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2

@@ -74,6 +74,7 @@ real trigger change is 1.1–2.3× longer on the flagged zoo models (``benchmark
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -307,11 +308,17 @@ def smooth_field(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
     White noise of σ spreads its energy over all H·W·C pixel directions; this field keeps the same per-pixel σ in
     the g²·C smoothest ones, where image-wide smooth triggers (low-frequency ones such as LF's) live."""
-    g = coarse.shape[-1]
-    basis = torch.eye(g * g, dtype=coarse.dtype, device=coarse.device).reshape(g * g, 1, g, g)
-    weights = F.interpolate(basis, size=size, mode="bilinear", align_corners=False)
-    scale = weights.pow(2).sum(dim=0).mean().sqrt()  # RMS over pixels of the field's standard deviation
+    scale = _smooth_field_scale(coarse.shape[-1], *size)
     return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False) / scale
+
+
+@functools.lru_cache(maxsize=32)
+def _smooth_field_scale(g: int, h: int, w: int) -> float:
+    """RMS over pixels of the upsampled field's standard deviation (each pixel is a fixed weighting of the lattice:
+    upsampling the g² one-hot lattices gives the weights); cached, as removal draws a field every batch."""
+    basis = torch.eye(g * g, dtype=torch.float64).reshape(g * g, 1, g, g)
+    weights = F.interpolate(basis, size=(h, w), mode="bilinear", align_corners=False)
+    return float(weights.pow(2).sum(dim=0).mean().sqrt())
 
 
 def probe_noise(x: torch.Tensor, grid: int) -> torch.Tensor:
@@ -330,21 +337,22 @@ def with_noise_probe(clean: DetectionReport, noisy: DetectionReport, sigma: floa
     Each class's score is the larger of its two indices, so a class is flagged when either verdict flags it;
     ``norms`` stay the clean reserve's (removal unlearns the clean s_p).
     """
-    scores = np.maximum(np.asarray(clean.scores), np.asarray(noisy.scores))
-    extra = {**clean.extra, "noise_probe": float(sigma), "clean_scores": list(clean.scores),
-             "probe_scores": list(noisy.scores), "probe_norms": list(noisy.norms)}
-    return DetectionReport(method=clean.method, norms=clean.norms, scores=[float(v) for v in scores],
-                           threshold=clean.threshold,
-                           target_classes=[int(k) for k in np.flatnonzero(scores > clean.threshold)], extra=extra)
+    return _join_probe(clean, noisy, {"noise_probe": float(sigma), "probe_scores": list(noisy.scores),
+                                      "probe_norms": list(noisy.norms)})
 
 
 def with_smooth_probe(report: DetectionReport, smooth: DetectionReport, sigma: float, grid: int) -> DetectionReport:
     """Add the verdict on the reserve under smooth noise of σ (lattice ``grid``) to ``report``: each class's score
     becomes the larger of the two, so a class either flags is flagged; ``clean_scores`` keep the clean verdict."""
-    scores = np.maximum(np.asarray(report.scores), np.asarray(smooth.scores))
-    extra = {**report.extra, "clean_scores": list(report.extra.get("clean_scores", report.scores)),
-             "smooth_probe": float(sigma), "smooth_grid": int(grid), "smooth_scores": list(smooth.scores),
-             "smooth_norms": list(smooth.norms)}
+    return _join_probe(report, smooth, {"smooth_probe": float(sigma), "smooth_grid": int(grid),
+                                        "smooth_scores": list(smooth.scores), "smooth_norms": list(smooth.norms)})
+
+
+def _join_probe(report: DetectionReport, probe: DetectionReport, keys: dict) -> DetectionReport:
+    """``report`` with ``probe``'s verdict joined in: per class the larger index, flags re-drawn at α; ``norms``
+    and ``clean_scores`` stay the clean reserve's; ``keys`` record the probe in ``extra``."""
+    scores = np.maximum(np.asarray(report.scores), np.asarray(probe.scores))
+    extra = {**report.extra, "clean_scores": list(report.extra.get("clean_scores", report.scores)), **keys}
     return DetectionReport(method=report.method, norms=report.norms, scores=[float(v) for v in scores],
                            threshold=report.threshold,
                            target_classes=[int(k) for k in np.flatnonzero(scores > report.threshold)], extra=extra)
