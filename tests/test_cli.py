@@ -81,6 +81,33 @@ def test_detect_noise_probe_option(attacked, tmp_path, capsys):
     assert "--noise-probe: expected a number in [0, 1]" in capsys.readouterr().err
 
 
+def test_detect_mad_floor_and_threads_options(attacked, tmp_path, capsys, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    plain, floored = tmp_path / "plain", tmp_path / "floored"
+    for out, floor in ((plain, "0"), (floored, "0.5")):
+        assert main(["detect", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
+                     "--noise-probe", "0", "--smooth-probe", "0", "--statistic", "class", "--mad-floor", floor,
+                     "--threads", "1", "--out", str(out), "--device", "cpu"]) == 0
+    assert calls == [1, 1]
+    a, b = (json.loads((d / "detection.json").read_text()) for d in (plain, floored))
+    assert a["extra"]["mad_floor"] == 0.0 and b["extra"]["mad_floor"] == 0.5
+    assert json.loads((floored / "result.json").read_text())["parameters"]["mad_floor"] == 0.5
+    # a floor wider than the spread shrinks every index by the same factor; the target still leads
+    assert a["norms"] == b["norms"] and max(b["scores"]) < max(a["scores"])
+    assert int(max(range(10), key=b["scores"].__getitem__)) == int(max(range(10), key=a["scores"].__getitem__))
+    capsys.readouterr()
+    assert main(["detect", "--model", str(attacked), "--clean", "digits", "--mad-floor", "-0.1",
+                 "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--mad-floor: expected a number in [0, 1]" in capsys.readouterr().err
+    assert main(["detect", "--model", str(attacked), "--clean", "digits", "--threads", "0",
+                 "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--threads: expected a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):
     before = (attacked / "model.safetensors").read_bytes()
     out = tmp_path / "rem"

@@ -297,6 +297,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"recompute": "always"}, "tac: parameter recompute must be one of epoch, fixed, got 'always'"),
     ({"surrogate": "pair"}, "tac: parameter surrogate must be one of class, source, both, got 'pair'"),
     ({"class_margin": -1}, "tac: parameter class_margin must be a number >= 0"),
+    ({"mad_floor": -0.01}, "tac: parameter mad_floor must be a number >= 0 (0: no floor)"),
     ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
     ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),
     ({"shift_scale": 0.5}, "tac: parameter shift_scale must be a number >= 1"),

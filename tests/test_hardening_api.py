@@ -249,3 +249,24 @@ def test_images_are_checked_before_the_model_runs(env):
     """Bad images are reported as a DataError even when the model would also fail on them."""
     with pytest.raises(DataError):
         lg.detect(env.rgb, (_nan(env.x), env.y), device="cpu")
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "2"])
+def test_set_threads_refuses_what_is_not_a_positive_whole_number(bad):
+    from latentguard.device import set_threads
+
+    with pytest.raises(LatentGuardError, match="threads must be a whole number >= 1"):
+        set_threads(bad)
+
+
+def test_set_threads_sets_torchs_thread_count():
+    import torch
+
+    from latentguard.device import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -49,6 +49,29 @@ def test_zero_mad_has_no_division_by_zero():
     np.testing.assert_array_equal(anomaly_index([5.0, 5.0, 5.0]), [0.0, 0.0, 0.0])
 
 
+def test_min_mad_floors_a_tight_cluster_and_leaves_a_wide_one():
+    # nine values within 1 % of each other and one 16 % below: the plain MAD makes the gap extreme
+    v = np.log([16.2, 19.0, 19.1, 19.2, 19.3, 19.3, 19.4, 19.5, 19.6, 19.7])
+    plain = anomaly_index(v)
+    floored = anomaly_index(v, min_mad=0.03)
+    med = np.median(v)
+    assert plain[0] > 10
+    assert floored[0] == pytest.approx((med - v[0]) / (1.4826 * 0.03))
+    assert floored[0] < 4
+    # a spread wider than the floor is unchanged
+    wide = np.array([1.0, 2.0, 3.0, 4.0, 100.0])
+    np.testing.assert_array_equal(anomaly_index(wide, min_mad=0.5), anomaly_index(wide))
+    # a zero MAD with a floor has a finite scale
+    np.testing.assert_allclose(anomaly_index([2.0, 2.0, 2.0, 1.0, 3.0], min_mad=0.5),
+                               np.array([0.0, 0.0, 0.0, 1.0, -1.0]) / (1.4826 * 0.5))
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), True, "0.1"])
+def test_bad_min_mad(bad):
+    with pytest.raises(LatentGuardError, match="min_mad must be a number >= 0"):
+        anomaly_index([1.0, 2.0, 3.0], min_mad=bad)
+
+
 def test_even_count_and_torch_input():
     v = torch.tensor([1.0, 2.0, 4.0, 8.0])
     # median 3, |dev| = 2, 1, 1, 5 -> MAD 1.5

@@ -321,3 +321,29 @@ def test_pairwise_uses_only_source_samples():
     np.testing.assert_allclose(
         pairwise_flip_perturbations(Z2, labels, W, b).norms[1], sol.norms[1], rtol=1e-12
     )
+
+
+def test_single_constraint_shortcut_is_exact_or_declines():
+    """The one-constraint shortcut answers only when the projection onto the most violated halfspace satisfies the
+    rest (then it equals the reference solution) and declines otherwise."""
+    from latentguard.latent.dual import _ClassProblem, _single_constraint
+
+    def problem(W: np.ndarray, c: np.ndarray) -> _ClassProblem:
+        k, live = 0, np.arange(1, W.shape[0])
+        nu = np.linalg.norm(W[k] - W[live], axis=1)
+        chat = c / nu
+        gamma = float(chat.max())
+        return _ClassProblem(k=k, live=live, nu=nu, g=chat / gamma, gamma=gamma, G=W @ W.T)
+
+    # class 0 against classes 1 and 2; rows a_1 = (1, 0), a_2 = (0, 1) (orthogonal halfspaces)
+    W = np.array([[0.0, 0.0], [-1.0, 0.0], [0.0, -1.0]])
+    lone = problem(W, np.array([2.0, -1.0]))  # only a_1ᵀs ≥ 2 binds: s = (2, 0)
+    lam = _single_constraint(lone)
+    assert lam is not None
+    np.testing.assert_allclose(lone.gamma * lam / lone.nu, [2.0, 0.0])
+    assert _single_constraint(problem(W, np.array([2.0, 1.0]))) is None  # s = (2, 0) violates a_2ᵀs ≥ 1
+    z = np.array([[0.0, 0.0]])
+    for b in (np.array([0.0, 2.0, -1.0]), np.array([0.0, 2.0, 1.0])):  # the same two problems through the API
+        fast = minimal_flip_perturbations(z, W, b)
+        ref = minimal_flip_perturbations(z, W, b, method="nnls")
+        np.testing.assert_allclose(fast.perturbations, ref.perturbations, atol=1e-12)

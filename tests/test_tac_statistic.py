@@ -128,3 +128,38 @@ def test_pairwise_without_labels_and_unknown_statistics_are_refused():
         resolve_statistic("median", 10, True)
     with pytest.raises(SpecError, match=re.escape("tac: parameter statistic must be one of both, class, pairwise")):
         make_defense("tac", statistic="median")
+
+
+def _tight_problem(shortcut: float, seed: int = 0):
+    """C = 10 classes at m·e_a (orthonormal head) with little noise, so the nine ordinary classes' ‖s_k‖ agree
+    to a fraction of a percent; class 0 gets a head-bias shortcut that makes ‖s_0‖ smaller by about
+    shortcut / m."""
+    rng = np.random.default_rng(seed)
+    C, d, n, m = 10, 16, 30, 4.0
+    W = np.eye(C, d)
+    b = np.zeros(C)
+    b[0] = shortcut
+    y = np.repeat(np.arange(C), n)
+    z = m * W[y] + 0.01 * rng.normal(size=(C * n, d))
+    return torch.as_tensor(z, dtype=torch.float32), y, _head(W, b)
+
+
+def test_the_mad_floor_keeps_a_modest_gap_in_a_tight_cluster_from_being_flagged():
+    z, y, head = _tight_problem(shortcut=0.5)  # ‖s_0‖ about 14 % below the others
+    plain = latent_report(z, head, labels=y, statistic="class", mad_floor=0.0)
+    floored = latent_report(z, head, labels=y, statistic="class")  # the default floor
+    norms = np.log(plain.norms)
+    mad = float(np.median(np.abs(norms - np.median(norms))))
+    assert mad < 0.01 and 0.1 < np.median(norms) - norms[0] < 0.17
+    assert plain.target_classes == [0] and plain.scores[0] > 10
+    assert floored.target_classes == [] and floored.extra["mad_floor"] == pytest.approx(0.03)
+    assert floored.scores[0] == pytest.approx((np.median(norms) - norms[0]) / (1.4826 * 0.03), rel=1e-9)
+    # a real shortcut (half the distance) stands out whatever the floor
+    z, y, head = _tight_problem(shortcut=2.0)
+    assert latent_report(z, head, labels=y, statistic="class").target_classes == [0]
+
+
+def test_the_mad_floor_is_checked():
+    z, y, head = _tight_problem(shortcut=0.6)
+    with pytest.raises(SpecError, match=re.escape("tac: mad_floor must be a number >= 0 (0: no floor)")):
+        latent_report(z, head, labels=y, mad_floor=-1.0)

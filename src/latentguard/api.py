@@ -66,12 +66,14 @@ def _clean_for(model: nn.Module, clean) -> Images:
 
 def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile: float = 1.0, log_norms: bool = True,
            statistic: str = "both", noise_probe: float | None = None, smooth_probe: float | None = None,
-           device: str | torch.device | None = "auto"):
+           mad_floor: float | None = None, device: str | torch.device | None = "auto"):
     """TAC detection: per-class ‖s_k‖, anomaly scores and the flagged (poisoned) classes (``statistic``:
     ``"class"`` scores ‖s_k‖ as in the paper, ``"pairwise"`` the geometric mean of ‖s_{a→k}‖ over source classes
     a, ``"both"`` the larger of the pairwise index and the per-class index minus 1; ``noise_probe`` σ: also
     judge the reserve under Gaussian pixel noise and flag either verdict, ``smooth_probe`` σ: the same under smooth
-    (low-frequency) noise; None: TAC's defaults, 0: off)."""
+    (low-frequency) noise; None: TAC's defaults, 0: off; ``mad_floor``: floor on the MAD of the log statistics over
+    the classes, None: TAC's default, 0: the plain MAD)."""
+    from latentguard.defenses.tac import DEFAULT_MAD_FLOOR
     from latentguard.defenses.tac import detect as tac_detect
 
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
@@ -79,7 +81,8 @@ def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile:
         raise SpecError(f"threshold must be a finite number, got {threshold!r}: e.g. 2.0")
     images = _clean_for(model, clean)
     return tac_detect(model, images, threshold=threshold, log_norms=log_norms, quantile=quantile, device=device,
-                      statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe)
+                      statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe,
+                      mad_floor=DEFAULT_MAD_FLOOR if mad_floor is None else mad_floor)
 
 
 def defend(name: str, model: nn.Module, clean, *, device: str | torch.device | None = "auto", seed: int = 0,

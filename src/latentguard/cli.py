@@ -36,6 +36,9 @@ def _add_runtime(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same result on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default: torch's, one per core); set it to the free cores when "
+                        "other jobs share the machine, or the threads oversubscribe the cores and everything slows")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -105,6 +108,13 @@ def _nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = _nonnegative_int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
     return v
 
 
@@ -228,7 +238,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     payload = workflows.detect_command(threshold=args.threshold, quantile=args.quantile, statistic=args.statistic,
                                        noise_probe=args.noise_probe, smooth_probe=args.smooth_probe,
-                                       **_defender_kwargs(args))
+                                       mad_floor=args.mad_floor, **_defender_kwargs(args))
     from rich.console import Console
     from rich.table import Table
 
@@ -374,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth-probe", type=_unit, default=None, metavar="SIGMA",
                    help="also judge the clean data under smooth (low-frequency) noise of this σ (0 to 1; 0: off) "
                         "and flag a class any verdict flags (default: TAC's)")
+    p.add_argument("--mad-floor", type=_unit, default=None, metavar="SPREAD",
+                   help="floor on the MAD of the log flip-norm statistics over the classes, a relative spread in [0, 1] "
+                        "(default: TAC's; 0: the plain MAD)")
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_detect)
@@ -471,6 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         try:
+            if getattr(args, "threads", None):
+                from latentguard.device import set_threads
+
+                set_threads(args.threads)
             return int(args.func(args) or 0)
         except Exception as exc:
             # An interrupt that lands inside an import or a library call can surface as another exception

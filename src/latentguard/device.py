@@ -25,6 +25,14 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def set_threads(threads: int) -> None:
+    """Use ``threads`` CPU threads for torch's intra-op work (the CLI's ``--threads``): on a machine whose cores
+    other jobs already use, one thread per core of this process oversubscribes them and slows every job."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise LatentGuardError(f"threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """The device of ``module``'s first parameter (or buffer); CPU for a module that holds neither."""
     for t in module.parameters():

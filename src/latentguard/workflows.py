@@ -260,8 +260,9 @@ def _defender_inputs(model: str, weights: str | None, clean: str, extra: list[st
 def detect_command(*, model: str, weights: str | None, head: str | None, width: int | None, clean: str,
                    clean_fraction: float | None, clean_indices: str | None, threshold: float | None, quantile: float,
                    out: str, overwrite: bool, device: str, seed: int, statistic: str = "both",
-                   noise_probe: float | None = None, smooth_probe: float | None = None) -> dict[str, Any]:
-    from latentguard.defenses.tac import detect
+                   noise_probe: float | None = None, smooth_probe: float | None = None,
+                   mad_floor: float | None = None) -> dict[str, Any]:
+    from latentguard.defenses.tac import DEFAULT_MAD_FLOOR, detect
     from latentguard.report import plot_detection
 
     dev = resolve_device(device)
@@ -271,7 +272,8 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
     with atomic_output_dir(out, inputs=_defender_inputs(model, weights, clean, [clean_indices]),
                            overwrite=overwrite) as tmp:
         report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head,
-                        statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe)
+                        statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe,
+                        mad_floor=DEFAULT_MAD_FLOOR if mad_floor is None else mad_floor)
         payload = {**report.to_json(), "class_names": reserve.class_names, "clean_size": len(reserve)}
         write_json(tmp / "detection.json", payload)
         plot_detection(payload, tmp / "detection.png", class_names=reserve.class_names)
@@ -279,7 +281,8 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                                parameters={"model": model, "clean": clean, "clean_fraction": clean_fraction,
                                            "threshold": threshold, "quantile": quantile, "statistic": statistic,
                                            "noise_probe": report.extra.get("noise_probe", 0.0),
-                                           "smooth_probe": report.extra.get("smooth_probe", 0.0), "seed": seed},
+                                           "smooth_probe": report.extra.get("smooth_probe", 0.0),
+                                           "mad_floor": report.extra.get("mad_floor"), "seed": seed},
                                metrics={"backdoored": report.backdoored, "target_classes": report.target_classes},
                                seconds=report.seconds)
         write_json(tmp / "result.json", record)

@@ -138,17 +138,19 @@ def holdout_split(clean: Images, fraction: float = 0.1, *, seed: int = 0) -> tup
 
 
 def low_outlier_report(
-    method: str, norms: np.ndarray, threshold: float, *, log: bool, extra: dict[str, Any] | None = None
+    method: str, norms: np.ndarray, threshold: float, *, log: bool, extra: dict[str, Any] | None = None,
+    min_mad: float = 0.0,
 ) -> DetectionReport:
     """The verdict every per-class detector shares (trojanzoo-style): MAD anomaly index of the per-class
-    statistic, every class whose below-median index exceeds ``threshold`` flagged (multi-target aware)."""
+    statistic (its MAD floored at ``min_mad``), every class whose below-median index exceeds ``threshold``
+    flagged (multi-target aware)."""
     from latentguard.latent.outliers import anomaly_index
 
     norms = np.asarray(norms, dtype=np.float64)
     # a zero statistic (e.g. every clean input already in class k) is the most extreme small value there is:
     # on the log scale it is floored just above zero instead of refused
     stat = np.maximum(norms, 1e-12 * max(float(norms.max()), 1e-300)) if log and norms.size else norms
-    scores = anomaly_index(stat, log=log)
+    scores = anomaly_index(stat, log=log, min_mad=min_mad)
     flagged = np.flatnonzero(scores > threshold)
     return DetectionReport(
         method=method,

@@ -121,6 +121,10 @@ PROBE_FRACTION = 0.3
 DEFAULT_SMOOTH_PROBE = 0.3
 SMOOTH_PROBE_GRID = 4
 CLASS_MARGIN = 1.0  # under "both", the per-class index must exceed α by this much (see the module docstring)
+# floor on the MAD of the log statistics (a relative spread), per-class and pairwise alike: a class must lie at least
+# α · 1.4826 · floor (about 16 % at α = 4) below the median to be flagged however closely the other classes agree;
+# chosen on the third digits development set and the zoo (benchmarks/tac_mad_floor.md)
+DEFAULT_MAD_FLOOR = 0.03
 # the pairwise statistic solves C (C − 1) small QPs (0.3 s for GTSRB's 43 classes on 2 cores); above this many
 # classes "both" uses the paper's per-class norm alone
 PAIRWISE_MAX_CLASSES = 100
@@ -131,6 +135,7 @@ class TACParams:
     threshold: float = DEFAULT_THRESHOLD  # α: flag classes whose anomaly index of the log statistic exceeds this
     statistic: str = "both"  # class (‖s_k‖, the paper) | pairwise (geometric mean of ‖s_{a→k}‖ over sources a) | both
     class_margin: float = CLASS_MARGIN  # under "both": score = max(pairwise index, per-class index − margin)
+    mad_floor: float = DEFAULT_MAD_FLOOR  # floor on the MAD of the log statistics (0: the plain MAD)
     log_norms: bool = True  # MAD on log-norms (norms spread multiplicatively across classes)
     quantile: float = 1.0  # fraction of clean samples that must flip (1.0 = all, as in the paper)
     targets: list[int] | None = None  # skip detection and treat these classes as poisoned (no early stop)
@@ -162,6 +167,8 @@ class TACParams:
         check(self.statistic in STATISTICS, "tac", "statistic", f"one of {', '.join(STATISTICS)}", self.statistic)
         check(is_real(self.class_margin) and self.class_margin >= 0, "tac", "class_margin", "a number >= 0",
               self.class_margin)
+        check(is_real(self.mad_floor) and self.mad_floor >= 0, "tac", "mad_floor", "a number >= 0 (0: no floor)",
+              self.mad_floor)
         check(self.strategy in STRATEGIES, "tac", "strategy", f"one of {', '.join(STRATEGIES)}", self.strategy)
         check(self.recompute in RECOMPUTE, "tac", "recompute", f"one of {', '.join(RECOMPUTE)}", self.recompute)
         check(self.surrogate in SURROGATES, "tac", "surrogate", f"one of {', '.join(SURROGATES)}", self.surrogate)
@@ -223,12 +230,13 @@ def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, l
            quantile: float = 1.0, device: str | torch.device | None = "auto", head: str | None = None,
            statistic: str = "both", class_margin: float = CLASS_MARGIN,
            noise_probe: float | None = None, probe_fraction: float = PROBE_FRACTION,
-           smooth_probe: float | None = None, probe_grid: int = SMOOTH_PROBE_GRID) -> DetectionReport:
+           smooth_probe: float | None = None, probe_grid: int = SMOOTH_PROBE_GRID,
+           mad_floor: float = DEFAULT_MAD_FLOOR) -> DetectionReport:
     """Per-class detection statistic, its anomaly indices and the flagged (poisoned) classes (``threshold`` None:
     α = :data:`DEFAULT_THRESHOLD`; ``head``: the output layer's name when it cannot be found automatically;
     ``statistic``: see :func:`latent_report`; ``noise_probe`` (None: :data:`DEFAULT_NOISE_PROBE`, 0: off),
     ``smooth_probe`` (None: :data:`DEFAULT_SMOOTH_PROBE`, 0: off), ``probe_grid`` and ``probe_fraction``: see
-    :func:`add_noise_probe`)."""
+    :func:`add_noise_probe`; ``mad_floor``: see :func:`latent_report`)."""
     from latentguard.device import resolve_device
 
     sigma = check_noise_probe(noise_probe, probe_fraction)
@@ -240,7 +248,7 @@ def detect(model: nn.Module, clean: Images, *, threshold: float | None = None, l
     def report_on(images: Images) -> DetectionReport:
         z = clean_latents(fm, images, device=dev)
         return latent_report(z, fm.head, threshold=threshold, log_norms=log_norms, quantile=quantile,
-                             labels=images.y, statistic=statistic, class_margin=class_margin)
+                             labels=images.y, statistic=statistic, class_margin=class_margin, mad_floor=mad_floor)
 
     report = add_noise_probe(report_on(clean), clean, report_on, sigma, probe_fraction, smooth=smooth,
                              grid=probe_grid)
@@ -381,13 +389,15 @@ def pairwise_statistic(z, labels, weight, bias, *, quantile: float = 1.0) -> tup
 
 def latent_report(z: torch.Tensor, head: nn.Linear, *, threshold: float | None = None, log_norms: bool = True,
                   quantile: float = 1.0, labels=None, statistic: str = "both",
-                  class_margin: float = CLASS_MARGIN) -> DetectionReport:
+                  class_margin: float = CLASS_MARGIN, mad_floor: float = DEFAULT_MAD_FLOOR) -> DetectionReport:
     """TAC's verdict from clean latents ``z`` (N×d) already extracted: the QP per class and the outlier report.
 
     ``statistic``: ``"class"`` scores ‖s_k‖ (every clean sample must flip, the paper); ``"pairwise"`` the
     geometric mean over source classes of ‖s_{a→k}‖ (needs ``labels``); ``"both"`` (default) takes, per class,
     the larger of the pairwise index and the per-class index minus ``class_margin`` (see
-    :func:`resolve_statistic` for its fallback). ``norms`` hold the
+    :func:`resolve_statistic` for its fallback). ``mad_floor`` floors the MAD of each statistic over the classes
+    (:func:`~latentguard.latent.outliers.anomaly_index`'s ``min_mad``; a relative spread on the log scale, in the
+    raw units with ``log_norms=False``; 0: the plain MAD). ``norms`` hold the
     scored statistic (‖s_k‖ for ``both``); ``extra`` keeps ``class_norms`` and, when computed, the pairwise
     statistic and each index.
     """
@@ -395,15 +405,17 @@ def latent_report(z: torch.Tensor, head: nn.Linear, *, threshold: float | None =
     alpha = DEFAULT_THRESHOLD if threshold is None else threshold
     used = resolve_statistic(statistic, weight.shape[0], labels is not None)
     solution = minimal_flip_perturbations(z, weight, bias, quantile=quantile)
+    if isinstance(mad_floor, bool) or not is_real(mad_floor) or mad_floor < 0:
+        raise SpecError(f"tac: mad_floor must be a number >= 0 (0: no floor), got {mad_floor!r}")
     extra = {"quantile": quantile, "statistic": used, "class_norms": [float(v) for v in solution.norms],
-             "kkt_residual_max": float(solution.kkt_residual.max())}
-    by_class = low_outlier_report("tac", solution.norms, alpha, log=log_norms, extra=extra)
+             "kkt_residual_max": float(solution.kkt_residual.max()), "mad_floor": float(mad_floor)}
+    by_class = low_outlier_report("tac", solution.norms, alpha, log=log_norms, extra=extra, min_mad=mad_floor)
     if used == "class":
         return by_class
     values, pair_norms = pairwise_statistic(z, labels, weight, bias, quantile=quantile)
     extra["pairwise_norms"] = [float(v) for v in values]
     extra["sources_per_class"] = [int(v) for v in (~np.isnan(pair_norms)).sum(axis=0)]
-    pairwise = low_outlier_report("tac", values, alpha, log=log_norms, extra=extra)
+    pairwise = low_outlier_report("tac", values, alpha, log=log_norms, extra=extra, min_mad=mad_floor)
     if used == "pairwise":
         return pairwise
     scores = np.maximum(np.asarray(by_class.scores) - class_margin, pairwise.scores)
@@ -425,16 +437,14 @@ class TAC(Defense):
         p = self.params
         return detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile, device=device,
                       head=p.head, statistic=p.statistic, class_margin=p.class_margin, noise_probe=p.noise_probe,
-                      probe_fraction=p.probe_fraction, smooth_probe=p.smooth_probe, probe_grid=p.probe_grid)
+                      probe_fraction=p.probe_fraction, smooth_probe=p.smooth_probe, probe_grid=p.probe_grid,
+                      mad_floor=p.mad_floor)
 
     def _run(self, model: nn.Module, clean: Images, device: torch.device, seed: int) -> DefenseResult:
         p = self.params
         report = None
         if p.targets is None or p.detect_only:
-            report = detect(model, clean, threshold=p.threshold, log_norms=p.log_norms, quantile=p.quantile,
-                            device=device, head=p.head, statistic=p.statistic, class_margin=p.class_margin,
-                            noise_probe=p.noise_probe, probe_fraction=p.probe_fraction, smooth_probe=p.smooth_probe,
-                            probe_grid=p.probe_grid)
+            report = self.detect(model, clean, device=device)
         targets = list(p.targets) if p.targets is not None else report.target_classes
         if any(t >= clean.num_classes for t in targets):
             raise SpecError(f"tac: targets {targets} are not classes of a {clean.num_classes}-class model")
