@@ -1,8 +1,8 @@
 """Third development set for TAC's verdict: a floor on the MAD of the log flip norms (digits, 20 clean seeds).
 
-A rebuilt CIFAR-10 clean zoo model put class 1 at a per-class anomaly index of 8.31: its ‖s_1‖ is 16.2 against
-18.1–20.5 for the other nine classes, which agree so closely (MAD of the log-norms 0.013, against 0.030–0.087 on
-every other zoo model) that a 16 % gap reads as an outlier. The MAD of ten values rests on the fifth and sixth
+A rebuilt CIFAR-10 clean zoo model put class 1 at a per-class anomaly index of 8.3: its ‖s_1‖ is 16.2 against
+18.1–20.5 for the other nine classes, which agree so closely (MAD of the log-norms 0.017, against 0.030–0.087 on
+the zoo models of ``tac_threshold.json``) that a 19 % gap reads as an outlier. The MAD of ten values rests on the fifth and sixth
 smallest deviations, so a tight cluster by chance makes any modest gap extreme. A floor on the MAD (on the log
 scale: a relative spread) bounds that: a class must sit at least α · 1.4826 · floor below the median (log) to be
 flagged, however closely the others agree.

@@ -148,6 +148,18 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_zoo_build_skip_clean_trains_the_clean_model_only_for_an_attack_that_needs_it(tmp_path, capsys):
+    root = tmp_path / "zoo"
+    common = ["--datasets", "digits", "--model", "small_cnn", "--width", "4", "--epochs", "1", "--root", str(root),
+              "--quiet", "--device", "cpu", "--skip-clean"]
+    assert main(["zoo", "build", "--attacks", "badnets", *common]) == 0
+    assert (root / "digits" / "badnets" / "metrics.json").is_file()
+    assert not (root / "digits" / "clean").exists()  # BadNets needs no clean model
+    assert main(["zoo", "build", "--attacks", "lf", "--attack-param", "lf.n_images=20", "--attack-param", "lf.max_passes=1", *common]) == 0
+    assert (root / "digits" / "clean" / "metrics.json").is_file()  # LF optimises its trigger against it
+    assert (root / "digits" / "lf" / "metrics.json").is_file()
+
+
 def test_zoo_build_passes_attack_params_to_the_cells_it_builds(tmp_path, capsys):
     root = tmp_path / "zoo"
     assert main(["zoo", "build", "--datasets", "digits", "--attacks", "blend", "--attack-param", "blend.alpha=0.3",

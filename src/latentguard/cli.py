@@ -206,7 +206,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
         from latentguard.data import load_data
 
         splits = None
-        for cell in [None, *attacks]:
+        needs_clean = not args.skip_clean or any(ATTACKS[a].needs_preparation for a in attacks)
+        for cell in [None, *attacks] if needs_clean else attacks:
             if zoo.is_done(zoo.cell_dir(root, dataset, cell or "clean")):
                 print(f"{dataset}/{cell or 'clean'}: done, skipped")
                 continue
@@ -425,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the target class of the cells built now (e.g. a larger class for a clean-label attack)")
     p.add_argument("--attack-param", action="append", metavar="ATTACK.NAME=VALUE",
                    help="an attack's parameter for the cells built now, e.g. inputaware.mask_epochs=5 (repeatable)")
+    p.add_argument("--skip-clean", action="store_true",
+                   help="train the dataset's clean model only when a listed attack needs it (LF, TrojanNN optimise "
+                        "their trigger against it); by default it is built first")
     _add_runtime(p)
     p.set_defaults(func=_cmd_zoo)
 
