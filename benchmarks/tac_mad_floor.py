@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from digits_dev import dev_model
 
-from latentguard.attacks import AttackContext, make_attack
 from latentguard.data import clean_reserve, load_data
 from latentguard.data.split import stratified_split
 from latentguard.defenses.tac import (
@@ -46,8 +46,6 @@ from latentguard.defenses.tac import (
 )
 from latentguard.evaluation import evaluate
 from latentguard.latent.qp import minimal_flip_perturbations
-from latentguard.models import build_model
-from latentguard.train import TrainConfig, fit
 
 # (label, attack, seeds, attack parameters)
 MODELS = (("clean", "clean", range(40, 60), {}), ("badnets", "badnets", range(40, 43), {}),
@@ -57,34 +55,6 @@ VERDICTS = ("clean", "white", "smooth")
 FLOORS = (0.0, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05)
 LEARNED = 0.5  # a backdoored model counts as having learned its backdoor at this test ASR
 CONSISTENCY = 1.4826
-
-
-def trained(splits, attack_name: str, seed: int, params: dict, cache: Path) -> tuple[torch.nn.Module, object]:
-    h, w, c = splits.train.image_shape
-    cfg = TrainConfig(epochs=30, lr=0.05, batch_size=64, seed=seed)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return build_model("small_cnn", 10, in_channels=c, image_size=h)
-
-    attack = None
-    if attack_name != "clean":
-        attack = make_attack(attack_name, num_classes=10, image_shape=(c, h, w), target=0, rate=0.1, seed=seed,
-                             params=params)
-    model = fresh()
-    path, attack_path = cache / f"{attack_name}_{seed}.pt", cache / f"{attack_name}_{seed}.attack.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        if attack is not None:
-            attack.load_tensors(torch.load(attack_path, weights_only=True))
-        return model.eval(), attack
-    if attack is None:
-        fit(model, splits.train, cfg, device="cpu")
-    else:
-        attack.train_model(model, AttackContext(splits.train, fresh, cfg, torch.device("cpu")))
-        torch.save(attack.tensors(), attack_path)
-    torch.save(model.state_dict(), path)
-    return model.eval(), attack
 
 
 def raw_statistics(model: torch.nn.Module, reserve) -> dict[str, dict[str, list[float]]]:
@@ -174,7 +144,7 @@ def main() -> None:
                 records.append(done[(label, seed)])
                 continue
             t0 = time.perf_counter()
-            model, attack = trained(splits, attack_name, seed, params, args.cache)
+            model, attack = dev_model(splits, attack_name, seed, params, args.cache)
             ev = evaluate(model, splits.test, attack, device="cpu")
             records.append({"label": label, "seed": seed, "target": None if attack is None else 0,
                             "acc": ev.acc, "asr": ev.asr, "stats": raw_statistics(model, reserve)})

@@ -28,15 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from digits_dev import dev_model
 
-from latentguard.attacks import AttackContext, make_attack
 from latentguard.data import clean_reserve, load_data
 from latentguard.data.split import stratified_split
 from latentguard.defenses import make_defense
 from latentguard.defenses.tac import detect, noisy_copy, with_noise_probe
 from latentguard.evaluation import evaluate
-from latentguard.models import build_model
-from latentguard.train import TrainConfig, fit
 
 # (label, attack, seeds, attack parameters)
 MODELS = (("clean", "clean", range(10, 16), {}), ("sig", "sig", range(10, 16), {}),
@@ -55,35 +53,8 @@ LEARNED = 0.5  # a backdoored model counts as having learned its backdoor at thi
 
 def trained(splits, label: str, attack_name: str, seed: int, params: dict, cache: Path,
             clean_models: dict) -> tuple[torch.nn.Module, object]:
-    h, w, c = splits.train.image_shape
-    cfg = TrainConfig(epochs=30, lr=0.05, batch_size=64, seed=seed)
-
-    def fresh() -> torch.nn.Module:
-        torch.manual_seed(seed)
-        return build_model("small_cnn", 10, in_channels=c, image_size=h)
-
-    attack = None
-    if attack_name != "clean":
-        attack = make_attack(attack_name, num_classes=10, image_shape=(c, h, w), target=0, rate=0.1, seed=seed,
-                             params=params)
-    model = fresh()
     stem = label.replace(" ", "_").replace("Δ", "delta")
-    path = cache / f"{stem}_{seed}.pt"
-    attack_path = cache / f"{stem}_{seed}.attack.pt"
-    if path.exists():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        if attack is not None and attack_path.exists():
-            attack.load_tensors(torch.load(attack_path, weights_only=True))
-        return model.eval(), attack
-    if attack is None:
-        fit(model, splits.train, cfg, device="cpu")
-    else:
-        attack.train_model(model, AttackContext(splits.train, fresh, cfg, torch.device("cpu"),
-                                                clean_model=clean_models.get(seed)))
-        torch.save(attack.tensors(), attack_path)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.eval(), attack
+    return dev_model(splits, attack_name, seed, params, cache, stem=stem, clean_model=clean_models.get(seed))
 
 
 def main() -> None:
