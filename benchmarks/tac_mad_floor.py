@@ -127,6 +127,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="the data spec of --record's dataset")
     ap.add_argument("--label", default=None, help="--record's row label")
     ap.add_argument("--extra-out", type=Path, default=None)
+    ap.add_argument("--same-as", default=None,
+                    help="the zoo row (e.g. 'gtsrb badnets') of tac_threshold.json that --record's model rebuilds to "
+                         "the same weights: the recorded row replaces it instead of counting twice")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.record is not None:
@@ -151,7 +154,9 @@ def main() -> None:
             json_path.write_text(json.dumps({"models": records}, indent=1) + "\n")
             print(label, seed, f"ACC {ev.acc:.3f} ASR {ev.asr}", flags(records[-1], 0.0, 0.0),
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
-    zoo = zoo_records(args.zoo) + [r for p in args.extra for r in json.loads(p.read_text())["models"]]
+    extra = [r for p in args.extra for r in json.loads(p.read_text())["models"]]
+    replaced = {r.get("same_as") for r in extra}
+    zoo = [r for r in zoo_records(args.zoo) if r["label"] not in replaced] + extra
     args.out.write_text(render(records, zoo))
 
 
@@ -167,6 +172,8 @@ def record_zoo_cell(args: argparse.Namespace) -> None:
     spec = record["parameters"].get("attack")
     rec = {"label": args.label or f"{cell.parent.name} {cell.name}", "seed": 0, "target": spec_target(spec),
            "asr": record.get("metrics", {}).get("asr"), "stats": raw_statistics(model, reserve)}
+    if args.same_as:
+        rec["same_as"] = args.same_as
     out = args.extra_out or Path(f"{cell.parent.name}_{cell.name}_stats.json")
     out.write_text(json.dumps({"models": [rec]}, indent=1) + "\n")
     print(rec["label"], flags(rec, 0.0, 0.0), f"class MAD {clean_mad(rec):.4f}")
@@ -218,8 +225,10 @@ def render(records: list[dict], zoo: list[dict]) -> str:
                      f"{_sources(r)} |")
     lines += ["", "Zoo rows from `benchmarks/tac_threshold.json` carry the clean-reserve verdict only (the probes' "
               "norms were not stored there); the probes flag CIFAR-10 and GTSRB Blend at indices of 414 and 247 "
-              "(`benchmarks/tac_perturbed_reserve.md`), far beyond what any floor here changes. Rows recorded "
-              "with `--record` carry all three verdicts.", "",
+              "(`benchmarks/tac_perturbed_reserve.md`), far beyond what any floor here changes. Rows marked "
+              "(rebuilt) were recorded with `--record` on models rebuilt by this version's `zoo build` and carry all "
+              "three verdicts; a rebuilt model with the same weights as a stored row replaces it (GTSRB BadNets); "
+              "the rebuilt clean models differ from the stored ones and count beside them.", "",
               "## Summary by floor", "",
               "Learned backdoors: ASR ≥ 50 %. `non-target` counts backdoored models with a flag on another class.", "",
               "| floor on | floor | digits: clean models flagged | digits: targets named | digits: non-target | "
