@@ -41,7 +41,8 @@ def main() -> None:
         fm = feature_model(m.model, reserve, device=torch.device("cpu"))
         z = clean_latents(fm, reserve, device="cpu")  # once per model
         for statistic, q in SETTINGS:
-            report = latent_report(z, fm.head, quantile=q, labels=reserve.y, statistic=statistic)
+            # the plain MAD, as when α was chosen; the default floor's effect is in tac_mad_floor.md
+            report = latent_report(z, fm.head, quantile=q, labels=reserve.y, statistic=statistic, mad_floor=0.0)
             scores = np.asarray(report.scores)
             others = scores.copy()
             if target is not None:
@@ -58,7 +59,8 @@ def main() -> None:
              "each zoo cell's clean reserve. `class` is the paper's ‖s_k‖ with the given quantile of clean "
              "samples required to flip, `pairwise` the geometric mean over source classes a of ‖s_{a→k}‖, `both` "
              "(TAC's default) the larger of the pairwise index and the class index minus 1 (quantile 1.0: every "
-             "clean sample must flip). "
+             "clean sample must flip). The MAD is the plain one, as when α was chosen; the default floor on it "
+             "(0.03, since a later version) and its effect on these models are in `tac_mad_floor.md`. "
              "`target` is the backdoor target's index (– for clean models), `max other` the "
              "largest index of any other class (the false-positive risk), ASR the undefended model's. Produced by "
              "`python benchmarks/tac_threshold.py`.", "",
