@@ -32,6 +32,7 @@ from digits_dev import dev_model
 
 from latentguard.data import clean_reserve, load_data
 from latentguard.data.split import stratified_split
+from latentguard.defenses.base import low_outlier_report
 from latentguard.defenses.tac import (
     CLASS_MARGIN,
     DEFAULT_NOISE_PROBE,
@@ -54,7 +55,6 @@ MODELS = (("clean", "clean", range(40, 60), {}), ("badnets", "badnets", range(40
 VERDICTS = ("clean", "white", "smooth")
 FLOORS = (0.0, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05)
 LEARNED = 0.5  # a backdoored model counts as having learned its backdoor at this test ASR
-CONSISTENCY = 1.4826
 
 
 def raw_statistics(model: torch.nn.Module, reserve) -> dict[str, dict[str, list[float]]]:
@@ -78,11 +78,8 @@ def raw_statistics(model: torch.nn.Module, reserve) -> dict[str, dict[str, list[
 
 
 def index(values: list[float], floor: float) -> np.ndarray:
-    """The signed MAD anomaly index of the log-statistic with the MAD floored at ``floor`` (log scale)."""
-    v = np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-300))
-    med = float(np.median(v))
-    mad = max(float(np.median(np.abs(v - med))), floor)
-    return (med - v) / (CONSISTENCY * mad) if mad > 0 else np.where(v < med, np.inf, 0.0)
+    """The library's signed MAD anomaly index of the log-statistic with the MAD floored at ``floor`` (log scale)."""
+    return np.asarray(low_outlier_report("tac", np.asarray(values), DEFAULT_THRESHOLD, log=True, min_mad=floor).scores)
 
 
 def verdict_scores(stats: dict[str, list[float]], class_floor: float, pairwise_floor: float) -> np.ndarray:
@@ -193,7 +190,8 @@ def _sources(record: dict) -> str:
     out = []
     for verdict, stats in record["stats"].items():
         for name, key, margin in (("class", "class", CLASS_MARGIN), ("pairwise", "pairwise", 0.0)):
-            v = np.log(np.maximum(np.asarray(stats[key]), 1e-300))
+            raw = np.asarray(stats[key], dtype=np.float64)
+            v = np.log(np.maximum(raw, 1e-12 * raw.max()))  # zero norms clamped as the library does
             med = float(np.median(v))
             mad = float(np.median(np.abs(v - med)))
             scores = index(stats[key], 0.0) - margin
