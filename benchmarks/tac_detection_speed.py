@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from latentguard.data import Images, load_data
-from latentguard.defenses.tac import detect
+from latentguard.defenses.tac import SMOOTH_PROBE_SIGMA, detect
 from latentguard.inference import predict_logits
 from latentguard.models import build_model, load_model
 
@@ -40,9 +40,9 @@ def main() -> None:
         reserve = Images(rng.integers(0, 256, (2500, 32, 32, 3), dtype=np.uint8), np.arange(2500) % 10,
                          [str(k) for k in range(10)])
     x, _ = reserve.tensors()
-    # detection settings timed in the same interleaved run: no probe, the white probe alone, both probes (default)
-    settings = {"no probe": {"noise_probe": 0.0, "smooth_probe": 0.0}, "white probe": {"smooth_probe": 0.0},
-                "both probes (default)": {}}
+    # detection settings timed in the same interleaved run: no probe, the white probe alone (default), both probes
+    settings = {"no probe": {"noise_probe": 0.0, "smooth_probe": 0.0}, "white probe (default)": {},
+                "both probes": {"smooth_probe": SMOOTH_PROBE_SIGMA}}
     fwd, det = [], {name: [] for name in settings}
     for _ in range(args.repeats):
         t0 = time.perf_counter()

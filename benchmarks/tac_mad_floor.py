@@ -36,10 +36,10 @@ from latentguard.defenses.base import low_outlier_report
 from latentguard.defenses.tac import (
     CLASS_MARGIN,
     DEFAULT_NOISE_PROBE,
-    DEFAULT_SMOOTH_PROBE,
-    DEFAULT_THRESHOLD,
+        DEFAULT_THRESHOLD,
     PROBE_FRACTION,
     SMOOTH_PROBE_GRID,
+    SMOOTH_PROBE_SIGMA,
     clean_latents,
     feature_model,
     noisy_copy,
@@ -53,6 +53,7 @@ MODELS = (("clean", "clean", range(40, 60), {}), ("badnets", "badnets", range(40
           ("blend", "blend", range(40, 43), {}), ("wanet", "wanet", range(40, 43), {"s": 3.0}),
           ("lf", "lf", range(40, 43), {}))
 VERDICTS = ("clean", "white", "smooth")
+DEFAULT_VERDICTS = ("clean", "white")  # the library's default: the smooth probe is opt-in
 FLOORS = (0.0, 0.01, 0.02, 0.025, 0.03, 0.035, 0.04, 0.05)
 LEARNED = 0.5  # a backdoored model counts as having learned its backdoor at this test ASR
 
@@ -67,7 +68,7 @@ def raw_statistics(model: torch.nn.Module, reserve) -> dict[str, dict[str, list[
     bias = head.bias.detach() if head.bias is not None else torch.zeros(head.out_features)
     probed = reserve.subset(stratified_split(reserve.y, PROBE_FRACTION)[1])
     images = {"clean": reserve, "white": noisy_copy(probed, DEFAULT_NOISE_PROBE),
-              "smooth": noisy_copy(probed, DEFAULT_SMOOTH_PROBE, grid=SMOOTH_PROBE_GRID)}
+              "smooth": noisy_copy(probed, SMOOTH_PROBE_SIGMA, grid=SMOOTH_PROBE_GRID)}
     out = {}
     for name, imgs in images.items():
         z = clean_latents(fm, imgs, device=dev)
@@ -167,7 +168,8 @@ def record_zoo_cell(args: argparse.Namespace) -> None:
     reserve = cell_reserve(cell, load_data(args.data).train)
     record = json.loads((cell / "metrics.json").read_text())
     spec = record["parameters"].get("attack")
-    rec = {"label": args.label or f"{cell.parent.name} {cell.name}", "seed": 0, "target": spec_target(spec),
+    seed = record["parameters"].get("zoo", {}).get("seed", 0)
+    rec = {"label": args.label or f"{cell.parent.name} {cell.name}", "seed": seed, "target": spec_target(spec),
            "asr": record.get("metrics", {}).get("asr"), "stats": raw_statistics(model, reserve)}
     if args.same_as:
         rec["same_as"] = args.same_as
@@ -176,12 +178,14 @@ def record_zoo_cell(args: argparse.Namespace) -> None:
     print(rec["label"], flags(rec, 0.0, 0.0), f"class MAD {clean_mad(rec):.4f}")
 
 
-def _summary(records: list[dict], class_floor: float, pairwise_floor: float) -> tuple[str, str, str]:
+def _summary(records: list[dict], class_floor: float, pairwise_floor: float,
+             verdicts=VERDICTS) -> tuple[str, str, str]:
     clean = [r for r in records if r["target"] is None]
     learned = [r for r in records if r["target"] is not None and r["asr"] is not None and r["asr"] >= LEARNED]
-    clean_flagged = sum(bool(flags(r, class_floor, pairwise_floor)) for r in clean)
-    hits = sum(r["target"] in flags(r, class_floor, pairwise_floor) for r in learned)
-    wrong = sum(any(k != r["target"] for k in flags(r, class_floor, pairwise_floor)) for r in learned)
+    flagged = {id(r): flags(r, class_floor, pairwise_floor, verdicts) for r in records}
+    clean_flagged = sum(bool(flagged[id(r)]) for r in clean)
+    hits = sum(r["target"] in flagged[id(r)] for r in learned)
+    wrong = sum(any(k != r["target"] for k in flagged[id(r)]) for r in learned)
     return f"{clean_flagged} of {len(clean)}", f"{hits} of {len(learned)}", f"{wrong}"
 
 
@@ -214,13 +218,14 @@ def render(records: list[dict], zoo: list[dict]) -> str:
              "MADs of the clean-reserve verdict; flags without a floor (the previous default) and with the floor "
              f"{chosen:g} on both statistics; then which verdict and statistic raised each flag without the floor.", "",
              "| model | seed | ACC / ASR % | MAD class | MAD pairwise | flagged, no floor | flagged, floor "
-             f"{chosen:g} | flags without the floor: class, verdict/statistic, index, MAD, gap |", "|---" * 8 + "|"]
+             f"{chosen:g} | floor {chosen:g}, no smooth probe | flags without the floor: class, verdict/statistic, "
+             "index, MAD, gap |", "|---" * 9 + "|"]
     for r in records + zoo:
         asr = "–" if r.get("asr") is None else f"{100 * r['asr']:.1f}"
         acc = f"{100 * r['acc']:.1f}" if "acc" in r else "–"
         lines.append(f"| {r['label']} | {r['seed']} | {acc} / {asr} | {clean_mad(r):.4f} | "
                      f"{clean_mad(r, 'pairwise'):.4f} | {flags(r, 0.0, 0.0)} | {flags(r, chosen, chosen)} | "
-                     f"{_sources(r)} |")
+                     f"{flags(r, chosen, chosen, DEFAULT_VERDICTS)} | {_sources(r)} |")
     lines += ["", "Zoo rows from `benchmarks/tac_threshold.json` carry the clean-reserve verdict only (the probes' "
               "norms were not stored there); the probes flag CIFAR-10 and GTSRB Blend at indices of 414 and 247 "
               "(`benchmarks/tac_perturbed_reserve.md`), far beyond what any floor here changes. Rows marked "
@@ -236,6 +241,15 @@ def render(records: list[dict], zoo: list[dict]) -> str:
     for on, cf, pf in settings:
         d, z = _summary(records, cf, pf), _summary(zoo, cf, pf)
         lines.append(f"| {on} | {max(cf, pf):g} | " + " | ".join(d) + " | " + " | ".join(z) + " |")
+    lines += ["", f"## Summary by verdicts, floor {chosen:g} on both statistics", "",
+              "The floor was chosen with all three verdicts (the default of its time). The smooth probe is off by "
+              "default since: it names one more target here (WaNet seed 40) and none on the zoo, and raises the only "
+              "clean flags left (digits clean seed 53; the new CIFAR-10 clean model, seed 1).", "",
+              "| verdicts | digits: clean models flagged | digits: targets named | digits: non-target | "
+              "zoo: clean models flagged | zoo: targets named | zoo: non-target |", "|---" * 7 + "|"]
+    for verdicts in (("clean",), DEFAULT_VERDICTS, ("clean", "smooth"), VERDICTS):
+        d, z = _summary(records, chosen, chosen, verdicts), _summary(zoo, chosen, chosen, verdicts)
+        lines.append(f"| {' + '.join(verdicts)} | " + " | ".join(d) + " | " + " | ".join(z) + " |")
     return "\n".join(lines) + "\n"
 
 

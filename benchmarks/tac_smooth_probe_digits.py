@@ -33,7 +33,7 @@ from digits_dev import dev_model
 from latentguard.data import clean_reserve, load_data
 from latentguard.data.split import stratified_split
 from latentguard.defenses import make_defense
-from latentguard.defenses.tac import detect, noisy_copy, with_noise_probe
+from latentguard.defenses.tac import SMOOTH_PROBE_SIGMA, detect, noisy_copy, with_noise_probe
 from latentguard.evaluation import evaluate
 
 # (label, attack, seeds, attack parameters)
@@ -89,7 +89,8 @@ def main() -> None:
                 rows.append({"attack": label, "seed": seed, "probe": name, "acc": ev.acc, "asr": ev.asr,
                              "flagged": report.target_classes, "target": float(scores[0]),
                              "max_other": float(np.delete(scores, 0).max())})
-            default = detect(model, reserve, device="cpu")  # the library's defaults: both probes
+            # the library's defaults when this set was run: both probes, the plain MAD
+            default = detect(model, reserve, device="cpu", smooth_probe=SMOOTH_PROBE_SIGMA, mad_floor=0.0)
             for r in rows[-len(PROBES):]:
                 r["default_flagged"] = default.target_classes
             if attack is not None and ev.asr >= LEARNED and 0 in default.target_classes:
@@ -105,7 +106,8 @@ def removal_row(model, attack, label: str, seed: int, reserve, test, before) -> 
     """TAC removal with the library defaults under each ``noise_unlearn`` rule (ACC / ASR / RA on test)."""
     rec = {"attack": label, "seed": seed, "undefended": [before.acc, before.asr, before.ra]}
     for rule in UNLEARN_RULES:
-        result = make_defense("tac", noise_unlearn=rule).run(model, reserve, device="cpu", seed=0)
+        result = make_defense("tac", noise_unlearn=rule, smooth_probe=SMOOTH_PROBE_SIGMA, mad_floor=0.0).run(
+            model, reserve, device="cpu", seed=0)
         after = evaluate(result.model, test, attack, device="cpu")
         rec[rule] = [after.acc, after.asr, after.ra]
         rec["flagged"] = result.detection.target_classes

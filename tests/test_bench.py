@@ -69,7 +69,7 @@ def test_zoo_models_yields_finished_cells_with_reserve_and_model(tiny_zoo, tmp_p
 def test_grid_resumes_without_double_counting(tiny_zoo, tmp_path):
     root, _ = tiny_zoo
     out = tmp_path / "bench"
-    params = {"tac": {"epochs": 1}}
+    params = {"tac": {"epochs": 1, "smooth_probe": 0.3}}  # both probes on, so every verdict is recorded
     first = bench.run_grid(root, out, {"digits": "digits"}, ["clean", "badnets"], ["tac"], params=params,
                            device="cpu", log=lambda _m: None)
     assert len(first) == 2

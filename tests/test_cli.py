@@ -55,7 +55,7 @@ def test_detect_statistic_option(attacked, tmp_path, capsys):
 def test_detect_noise_probe_option(attacked, tmp_path, capsys):
     out = tmp_path / "det"
     assert main(["detect", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
-                 "--noise-probe", "0.1", "--out", str(out), "--device", "cpu"]) == 0
+                 "--noise-probe", "0.1", "--smooth-probe", "0.3", "--out", str(out), "--device", "cpu"]) == 0
     det = json.loads((out / "detection.json").read_text())
     extra = det["extra"]
     assert extra["noise_probe"] == 0.1 and len(extra["probe_scores"]) == 10

@@ -14,6 +14,7 @@ from latentguard.defenses.tac import (
     DEFAULT_SMOOTH_PROBE,
     PROBE_FRACTION,
     SMOOTH_PROBE_GRID,
+    SMOOTH_PROBE_SIGMA,
     detect,
     noisy_copy,
     probe_unlearning_terms,
@@ -206,8 +207,10 @@ def test_fire_detection_uses_the_probe_unless_switched_off():
     assert 0 not in plain.detection.target_classes and "probe_scores" not in plain.detection.extra
     with pytest.raises(SpecError, match="noise_probe"):
         make_defense("fire", noise_probe=-1)
-    smooth = repair(_SmoothKeyed(key=1.0).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False)
-    assert smooth.detection.target_classes == [0] and smooth.detection.extra["smooth_probe"] == DEFAULT_SMOOTH_PROBE
+    assert DEFAULT_SMOOTH_PROBE == 0.0 and "smooth_scores" not in probed.detection.extra  # the smooth probe is opt-in
+    smooth = repair(_SmoothKeyed(key=1.0).eval(), images, device="cpu", alpha=1.0, quantile=0.99, per_source=False,
+                    smooth_probe=SMOOTH_PROBE_SIGMA)
+    assert smooth.detection.target_classes == [0] and smooth.detection.extra["smooth_probe"] == SMOOTH_PROBE_SIGMA
     with pytest.raises(SpecError, match="smooth_probe"):
         make_defense("fire", smooth_probe=2.0)
 
@@ -275,11 +278,13 @@ def test_smooth_probe_finds_a_smooth_keyed_backdoor_that_white_noise_misses():
     assert detect(model, images, device="cpu", noise_probe=0.0, smooth_probe=0.0).target_classes == []
     white = detect(model, images, device="cpu", smooth_probe=0.0)
     assert white.target_classes == [] and "smooth_scores" not in white.extra
-    report = detect(model, images, device="cpu")  # the defaults: both probes
+    assert detect(model, images, device="cpu").target_classes == []  # the defaults: the white probe alone
+    report = detect(model, images, device="cpu", smooth_probe=SMOOTH_PROBE_SIGMA)  # both probes
     assert report.target_classes == [0] and report.extra["smooth_scores"][0] > 4.0
     assert max(report.extra["probe_scores"]) < 4.0 and max(report.extra["clean_scores"]) < 4.0
-    assert (report.extra["smooth_probe"], report.extra["smooth_grid"]) == (DEFAULT_SMOOTH_PROBE, SMOOTH_PROBE_GRID)
-    assert detect(_SmoothKeyed(key=0.0).eval(), images, device="cpu").target_classes == []
+    assert (report.extra["smooth_probe"], report.extra["smooth_grid"]) == (SMOOTH_PROBE_SIGMA, SMOOTH_PROBE_GRID)
+    assert detect(_SmoothKeyed(key=0.0).eval(), images, device="cpu",
+                  smooth_probe=SMOOTH_PROBE_SIGMA).target_classes == []
 
 
 def test_tac_validates_the_smooth_probe():
@@ -296,8 +301,9 @@ def test_tac_validates_the_smooth_probe():
 def test_removal_fits_smooth_noisy_copies_when_the_smooth_probe_flags_the_target():
     images = _images(n_per_class=20)
     spy = _InputSpy(_SmoothKeyed(key=1.0)).eval()
-    result = make_defense("tac", epochs=2, batch_size=40).run(spy, images, device="cpu")
+    result = make_defense("tac", epochs=2, batch_size=40, smooth_probe=SMOOTH_PROBE_SIGMA).run(spy, images,
+                                                                                              device="cpu")
     assert result.detection.target_classes == [0]
-    assert result.extra["noise_unlearn"] == [{"sigma": DEFAULT_SMOOTH_PROBE, "grid": SMOOTH_PROBE_GRID}]
+    assert result.extra["noise_unlearn"] == [{"sigma": SMOOTH_PROBE_SIGMA, "grid": SMOOTH_PROBE_GRID}]
     assert result.model.noisy_training_batches == 2 * len(images) // 40
     assert spy.noisy_training_batches == 0

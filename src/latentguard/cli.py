@@ -384,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "a class either verdict flags (default: TAC's)")
     p.add_argument("--smooth-probe", type=_unit, default=None, metavar="SIGMA",
                    help="also judge the clean data under smooth (low-frequency) noise of this σ (0 to 1; 0: off) "
-                        "and flag a class any verdict flags (default: TAC's)")
+                        "and flag a class any verdict flags (default: off; 0.3 is the σ chosen on development models)")
     p.add_argument("--mad-floor", type=_unit, default=None, metavar="SPREAD",
                    help="floor on the MAD of the log flip-norm statistics over the classes, a relative spread in [0, 1] "
                         "(default: TAC's; 0: the plain MAD)")
