@@ -73,7 +73,6 @@ def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile:
     judge the reserve under Gaussian pixel noise and flag either verdict, ``smooth_probe`` σ: the same under smooth
     (low-frequency) noise; None: TAC's defaults, 0: off; ``mad_floor``: floor on the MAD of the log statistics over
     the classes, None: TAC's default, 0: the plain MAD)."""
-    from latentguard.defenses.tac import DEFAULT_MAD_FLOOR
     from latentguard.defenses.tac import detect as tac_detect
 
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
@@ -82,7 +81,7 @@ def detect(model: nn.Module, clean, *, threshold: float | None = None, quantile:
     images = _clean_for(model, clean)
     return tac_detect(model, images, threshold=threshold, log_norms=log_norms, quantile=quantile, device=device,
                       statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe,
-                      mad_floor=DEFAULT_MAD_FLOOR if mad_floor is None else mad_floor)
+                      mad_floor=mad_floor)
 
 
 def defend(name: str, model: nn.Module, clean, *, device: str | torch.device | None = "auto", seed: int = 0,

@@ -262,7 +262,7 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                    out: str, overwrite: bool, device: str, seed: int, statistic: str = "both",
                    noise_probe: float | None = None, smooth_probe: float | None = None,
                    mad_floor: float | None = None) -> dict[str, Any]:
-    from latentguard.defenses.tac import DEFAULT_MAD_FLOOR, detect
+    from latentguard.defenses.tac import detect
     from latentguard.report import plot_detection
 
     dev = resolve_device(device)
@@ -273,7 +273,7 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                            overwrite=overwrite) as tmp:
         report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head,
                         statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe,
-                        mad_floor=DEFAULT_MAD_FLOOR if mad_floor is None else mad_floor)
+                        mad_floor=mad_floor)
         payload = {**report.to_json(), "class_names": reserve.class_names, "clean_size": len(reserve)}
         write_json(tmp / "detection.json", payload)
         plot_detection(payload, tmp / "detection.png", class_names=reserve.class_names)
