@@ -9,7 +9,7 @@ linearly (marked ``*``); ``--full-reference`` runs it on every class.
 
 Prints a markdown table (wall and CPU seconds, the active-set's best of ``--repeat`` runs; the max scaled
 KKT residual; the max relative difference of the norms of both methods on the classes both solved), then
-active-set timings of ``quantile=0.95`` and of the all-to-all pairwise solve.
+active-set timings of ``quantile=0.95`` and of the all-to-all pairwise solve (batched and one at a time).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from latentguard.latent import minimal_flip_perturbations, pairwise_flip_perturbations
+from latentguard.latent import minimal_flip_perturbations, pairwise_flip_perturbations, qp
 
 DEFAULT_SIZES = "10x512,10x2048,43x512,43x2048,200x512,200x2048,1000x512,1000x2048"
 
@@ -87,8 +87,17 @@ def options(args: argparse.Namespace) -> None:
         C, d = (int(x) for x in item.lower().split("x"))
         Z, W, b = head(C, d, args.n, args.seed)
         y = np.random.default_rng(args.seed + 1).integers(0, C, size=args.n)
-        _, w, c = timed(lambda: pairwise_flip_perturbations(Z, y, W, b))  # noqa: B023
-        print(f"| pairwise (labels uniform) | {C} | {d} | {w:.2f} | {c:.2f} | {C * (C - 1)} |", flush=True)
+        # the batched driver (default) and the one-at-a-time one, timed back to back on the same problems
+        fast, w, c = timed(lambda: pairwise_flip_perturbations(Z, y, W, b))  # noqa: B023
+        limit, qp._BATCHED_GRAM_ENTRIES = qp._BATCHED_GRAM_ENTRIES, 0
+        try:
+            slow, w1, c1 = timed(lambda: pairwise_flip_perturbations(Z, y, W, b))  # noqa: B023
+        finally:
+            qp._BATCHED_GRAM_ENTRIES = limit
+        diff = np.nanmax(np.abs(fast.norms - slow.norms) / slow.norms)
+        print(f"| pairwise (labels uniform), batched | {C} | {d} | {w:.2f} | {c:.2f} | {C * (C - 1)} |", flush=True)
+        print(f"| pairwise, one at a time (rel. norm diff {diff:.1e}) | {C} | {d} | {w1:.2f} | {c1:.2f} "
+              f"| {C * (C - 1)} |", flush=True)
 
 
 def main() -> None:
@@ -103,7 +112,7 @@ def main() -> None:
     parser.add_argument("--full-reference", action="store_true", help="run NNLS on every class for every C")
     parser.add_argument("--repeat", type=int, default=3, help="active-set runs per size (best is reported)")
     parser.add_argument("--quantile-sizes", default="200x512,1000x2048", help="CxD pairs timed with q=0.95")
-    parser.add_argument("--pairwise-sizes", default="10x512,43x512", help="CxD pairs timed all-to-all")
+    parser.add_argument("--pairwise-sizes", default="10x512,43x512,100x512", help="CxD pairs timed all-to-all")
     args = parser.parse_args()
     try:
         cores = len(os.sched_getaffinity(0))

@@ -20,6 +20,10 @@ this module
     row equals ``w_k`` exactly (they contribute the constant margin ``b_k − b_j``: dropped when ``≥ 0``,
     infeasible otherwise) and near-duplicate competitors (``‖w_k − w_j‖ ≤ 10⁻³·‖w‖``, where the Gram identity
     loses most digits: their rows, ``c_k`` and KKT check are formed from explicit differences).
+:mod:`latentguard.latent.batched`
+    The pairwise driver's fast path: with well-separated rows it solves all ``C (C − 1)`` duals in one
+    batched Lawson–Hanson run (:func:`~latentguard.latent.batched.batched_dual`) and hands the few
+    problems the batch cannot finish to the one-at-a-time solvers.
 
 Every solution is checked against the KKT conditions in the primal space (see :func:`kkt_residual`); a
 class whose active-set answer misses ``tol`` is re-solved with the reference method, and a class that still
@@ -37,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from latentguard.errors import LatentGuardError, SolverError
+from latentguard.latent.batched import batched_dual
 from latentguard.latent.constraints import (
     _Samples,
     _validate,
@@ -59,6 +64,8 @@ __all__ = [
 ]
 
 Method = Literal["active-set", "nnls"]
+# the pairwise driver solves all duals at once when the C normalised Grams, C (C − 1)² entries, fit in 160 MB
+_BATCHED_GRAM_ENTRIES = 20_000_000
 _METHODS: tuple[str, ...] = ("active-set", "nnls")
 
 
@@ -374,8 +381,10 @@ def pairwise_flip_perturbations(
     M = Z @ W.T + b
     G = W @ W.T
     G = 0.5 * (G + G.T)
-    groups = _duplicate_groups(W, G)
     counts = np.bincount(y, minlength=C)
+    if method == "active-set" and C * (C - 1) ** 2 <= _BATCHED_GRAM_ENTRIES and _rows_well_separated(G):
+        return _pairwise_batched(Z, y, W, b, M, G, counts, q, tol)
+    groups = _duplicate_groups(W, G)
     norms = np.full((C, C), np.nan)
     resid = np.full((C, C), np.nan)
     pert = np.full((C, C, d), np.nan)
@@ -389,3 +398,90 @@ def pairwise_flip_perturbations(
         resid[a, targets] = r
         pert[a, targets] = S
     return PairwiseFlipSolution(norms=norms, perturbations=pert, kkt_residual=resid, sample_counts=counts)
+
+
+def _rows_well_separated(G: np.ndarray) -> bool:
+    """True when no two weight rows are identical or near-duplicates (``‖w_k − w_j‖² > 10⁻⁶ (‖w_k‖² + ‖w_j‖²)``),
+    the case where every target's normalised Gram comes straight from ``W Wᵀ``."""
+    diag = np.diag(G)
+    dist2 = diag[:, None] + diag[None, :] - 2.0 * G
+    off = ~np.eye(G.shape[0], dtype=bool)
+    return bool(np.all(dist2[off] > 1e-6 * (diag[:, None] + diag[None, :])[off]))
+
+
+def _pairwise_batched(
+    Z: np.ndarray,
+    y: np.ndarray,
+    W: np.ndarray,
+    b: np.ndarray,
+    M: np.ndarray,
+    G: np.ndarray,
+    counts: np.ndarray,
+    q: float,
+    tol: float,
+) -> PairwiseFlipSolution:
+    """:func:`pairwise_flip_perturbations` for well-separated rows, every dual at once (:func:`batched_dual`).
+
+    ``Ĝ_k`` depends on the target only, so the ``C`` normalised Grams are formed once; each (source, target)
+    pair contributes its right-hand side. Problems the batch hands back are solved one at a time, and every
+    solution passes the same KKT check (with the reference re-solve) as the one-at-a-time driver.
+    """
+    C, d = W.shape
+    diag = np.diag(G)
+    competitors = np.array([np.r_[0:k, k + 1 : C] for k in range(C)], dtype=np.intp)  # (C, C − 1)
+    nu = np.sqrt(diag[:, None] + np.take_along_axis(diag[None, :] - 2.0 * G, competitors, axis=1))
+    gk = np.take_along_axis(G, competitors, axis=1)
+    grams = (diag[:, None, None] - gk[:, :, None] - gk[:, None, :] + G[competitors[:, :, None], competitors[:, None, :]])
+    grams = grams / (nu[:, :, None] * nu[:, None, :])
+    grams = 0.5 * (grams + grams.transpose(0, 2, 1))
+    sources, targets, bounds = [], [], []
+    for a in np.flatnonzero(counts):
+        t = np.r_[0:a, a + 1 : C].astype(np.intp)
+        cmat = _violation_bounds(M[y == a], t, q, None)
+        sources.append(np.full(t.size, a))
+        targets.append(t)
+        bounds.append(np.take_along_axis(cmat, competitors[t], axis=1))
+    src, tgt, c = (np.concatenate(v) for v in (sources, targets, bounds))
+    chat = c / nu[tgt]
+    gamma = chat.max(axis=1)
+    lam = np.zeros_like(c)
+    solve = np.flatnonzero(gamma > 0.0)  # the others are met by s = 0 already
+    with _single_threaded_blas(C):
+        lam_hat, ok = batched_dual(grams, tgt[solve], chat[solve] / gamma[solve, None])
+        lam[solve] = gamma[solve, None] * lam_hat / nu[tgt[solve]]
+        factor_cache: list[np.ndarray] = []
+
+        def factor() -> np.ndarray:
+            if not factor_cache:
+                factor_cache.append(_pseudo_factor(W))
+            return factor_cache[0]
+
+        def one_at_a_time(row: int, method: str) -> np.ndarray:
+            k = int(tgt[row])
+            prob = _ClassProblem(k=k, live=competitors[k], nu=nu[k], g=chat[row] / gamma[row], gamma=float(gamma[row]),
+                                 G=G)
+            return _dual(prob, method, factor)
+
+        for row in solve[~ok]:
+            lam[row] = one_at_a_time(row, "active-set")
+        S, resid = _assemble(W, tgt, lam, c, {})
+        retry = np.flatnonzero(~(resid <= tol) & (gamma > 0.0))
+        for row in retry:
+            lam[row] = one_at_a_time(row, "nnls")
+    if retry.size:
+        S[retry], resid[retry] = _assemble(W, tgt[retry], lam[retry], c[retry], {})
+    bad = np.flatnonzero(~(resid <= tol))
+    if bad.size:
+        row = int(bad[0])
+        raise SolverError(
+            f"the QP of source class {int(src[row])} → target class {int(tgt[row])} missed the KKT tolerance "
+            f"{tol:g} (residual {resid[row]:.3g}); its competitor rows are nearly dependent: raise `tol` or check "
+            "the head"
+        )
+    norms = np.full((C, C), np.nan)
+    residuals = np.full((C, C), np.nan)
+    perturbations = np.full((C, C, d), np.nan)
+    norms[src, tgt] = np.linalg.norm(S, axis=1)
+    residuals[src, tgt] = resid
+    perturbations[src, tgt] = S
+    return PairwiseFlipSolution(norms=norms, perturbations=perturbations, kkt_residual=residuals, sample_counts=counts)
