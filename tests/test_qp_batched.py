@@ -153,3 +153,18 @@ def test_near_duplicate_rows_take_the_one_at_a_time_driver(monkeypatch):
     monkeypatch.setattr(qp, "batched_dual", must_not_run)
     sol = qp.pairwise_flip_perturbations(Z, y, W, b)
     assert np.nanmax(sol.kkt_residual) <= 1e-6
+
+
+def test_pairwise_driver_names_the_pair_that_misses_the_kkt_tolerance(monkeypatch):
+    rng = np.random.default_rng(7)
+    W, b = rng.standard_normal((4, 9)), rng.standard_normal(4)
+    Z, y = rng.standard_normal((40, 9)), np.arange(40) % 4
+    real_assemble = qp._assemble
+
+    def spoiled(W, targets, lam, c, explicit_rows):  # every solution reported far from optimal
+        S, resid = real_assemble(W, targets, lam, c, explicit_rows)
+        return S, resid + 1.0
+
+    monkeypatch.setattr(qp, "_assemble", spoiled)
+    with pytest.raises(SolverError, match=r"source class 0 → target class 1 missed the KKT tolerance"):
+        qp.pairwise_flip_perturbations(Z, y, W, b)

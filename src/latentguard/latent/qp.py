@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -189,13 +189,7 @@ def _solve_targets(
     lam_all = np.zeros((K, C - 1))
     c_all = np.empty((K, C - 1))
     explicit_rows: dict[int, np.ndarray] = {}  # target position -> explicit A_k (near-duplicate rows)
-    factor_cache: list[np.ndarray] = []
-
-    def factor() -> np.ndarray:
-        if not factor_cache:
-            factor_cache.append(_pseudo_factor(W))
-        return factor_cache[0]
-
+    factor = _lazy_factor(W)
     problems: list[_ClassProblem | None] = []
     with _single_threaded_blas(W.shape[0]):
         for a, k in enumerate(targets):
@@ -248,14 +242,31 @@ def _solve_targets(
     if retry.size:
         sub = {i: explicit_rows[a] for i, a in enumerate(retry) if a in explicit_rows}
         S[retry], resid[retry] = _assemble(W, targets[retry], lam_all[retry], c_all[retry], sub)
+    _require_kkt(resid, tol, lambda a: f"target class {int(targets[a])}")
+    return S, lam_all, c_all, resid, np.linalg.norm(S, axis=1)
+
+
+def _require_kkt(resid: np.ndarray, tol: float, name: Callable[[int], str]) -> None:
+    """Raise :class:`SolverError` for the first problem whose KKT residual misses ``tol`` (``name(i)`` names it)."""
     bad = np.flatnonzero(~(resid <= tol))
     if bad.size:
-        a = int(bad[0])
+        i = int(bad[0])
         raise SolverError(
-            f"the QP of target class {int(targets[a])} missed the KKT tolerance {tol:g} (residual "
-            f"{resid[a]:.3g}); its competitor rows are nearly dependent: raise `tol` or check the head"
+            f"the QP of {name(i)} missed the KKT tolerance {tol:g} (residual {resid[i]:.3g}); its competitor rows "
+            "are nearly dependent: raise `tol` or check the head"
         )
-    return S, lam_all, c_all, resid, np.linalg.norm(S, axis=1)
+
+
+def _lazy_factor(W: np.ndarray) -> Callable[[], np.ndarray]:
+    """The pseudo-factor of ``W Wᵀ`` (:func:`_pseudo_factor`), computed on first use only."""
+    cache: list[np.ndarray] = []
+
+    def factor() -> np.ndarray:
+        if not cache:
+            cache.append(_pseudo_factor(W))
+        return cache[0]
+
+    return factor
 
 
 def _assemble(
@@ -449,12 +460,7 @@ def _pairwise_batched(
     with _single_threaded_blas(C):
         lam_hat, ok = batched_dual(grams, tgt[solve], chat[solve] / gamma[solve, None])
         lam[solve] = gamma[solve, None] * lam_hat / nu[tgt[solve]]
-        factor_cache: list[np.ndarray] = []
-
-        def factor() -> np.ndarray:
-            if not factor_cache:
-                factor_cache.append(_pseudo_factor(W))
-            return factor_cache[0]
+        factor = _lazy_factor(W)
 
         def one_at_a_time(row: int, method: str) -> np.ndarray:
             k = int(tgt[row])
@@ -470,14 +476,7 @@ def _pairwise_batched(
             lam[row] = one_at_a_time(row, "nnls")
     if retry.size:
         S[retry], resid[retry] = _assemble(W, tgt[retry], lam[retry], c[retry], {})
-    bad = np.flatnonzero(~(resid <= tol))
-    if bad.size:
-        row = int(bad[0])
-        raise SolverError(
-            f"the QP of source class {int(src[row])} → target class {int(tgt[row])} missed the KKT tolerance "
-            f"{tol:g} (residual {resid[row]:.3g}); its competitor rows are nearly dependent: raise `tol` or check "
-            "the head"
-        )
+    _require_kkt(resid, tol, lambda row: f"source class {int(src[row])} → target class {int(tgt[row])}")
     norms = np.full((C, C), np.nan)
     residuals = np.full((C, C), np.nan)
     perturbations = np.full((C, C, d), np.nan)
