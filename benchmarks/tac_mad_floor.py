@@ -36,7 +36,7 @@ from latentguard.defenses.base import low_outlier_report
 from latentguard.defenses.tac import (
     CLASS_MARGIN,
     DEFAULT_NOISE_PROBE,
-        DEFAULT_THRESHOLD,
+    DEFAULT_THRESHOLD,
     PROBE_FRACTION,
     SMOOTH_PROBE_GRID,
     SMOOTH_PROBE_SIGMA,

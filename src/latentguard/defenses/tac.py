@@ -53,8 +53,8 @@ verdict flags (:func:`with_noise_probe`): a trigger that is itself a global, noi
 key) hides from the clean latents, but noisy copies of clean images drift toward its target. σ and the share were
 chosen on digits development models only (``benchmarks/tac_noise_probe_digits.md``: on 18 backdoored and 6 clean
 small_cnn models, σ 0.1 on 30 % adds 2 of 6 BadNets and 3 of 6 Blend targets with no false flag; σ 0.15 raised a
-false flag). The 30 % keeps detection within 1.5× one forward pass on CIFAR-10 (1.38×; on GTSRB, with 43 classes,
-1.57–1.62×: ``benchmarks/tac_detection_speed.md``). The
+false flag). The 30 % keeps detection within 1.5× one forward pass (1.36× on CIFAR-10 and 1.38× on GTSRB, whose
+1,806 pairwise QPs per verdict are solved in one batch: ``benchmarks/tac_detection_speed.md``). The
 probe cannot lower a score, so it can only add flags; ``noise_probe=0`` and ``smooth_probe=0`` give the paper's
 verdict alone.
 
@@ -71,7 +71,7 @@ default for one version and is off by default now: on the zoo it named no target
 white probe misses (neither GTSRB SIG with target 2 nor the original CIFAR-10 LF), and on held-out models it raised
 the only false flags left under the MAD floor: class 1 of a new clean CIFAR-10 model (seed 1; index 4.7, 24 % below
 the median) and one of 20 clean models of the third digits set (``benchmarks/tac_mad_floor.md``), where it added one
-WaNet target; it also costs a second probe pass (2.01× instead of 1.57× one forward pass on GTSRB).
+WaNet target; it also costs a second probe pass (1.80× instead of 1.38× one forward pass on GTSRB).
 
 When a probe flags a target that the clean verdict does not, removal also fits copies of the reserve carrying
 that probe's noise to their true labels (``noise_unlearn="probe_only"``, :func:`probe_unlearning_terms`):

@@ -146,7 +146,7 @@ def _duplicate_groups(W: np.ndarray, G: np.ndarray) -> np.ndarray:
     Candidates come from the Gram (``‖w_i − w_j‖² ≈ 0``) and are confirmed by exact comparison.
     """
     diag = np.diag(G)
-    dist2 = diag[:, None] + diag[None, :] - 2.0 * G
+    dist2 = _squared_row_distances(G)
     scale = diag[:, None] + diag[None, :]
     groups = np.arange(W.shape[0])
     for i, j in zip(*np.nonzero(np.triu(dist2 <= 1e-8 * scale + 1e-300, k=1)), strict=True):
@@ -411,11 +411,17 @@ def pairwise_flip_perturbations(
     return PairwiseFlipSolution(norms=norms, perturbations=pert, kkt_residual=resid, sample_counts=counts)
 
 
+def _squared_row_distances(G: np.ndarray) -> np.ndarray:
+    """``‖w_k − w_j‖²`` for every pair of weight rows, read off the Gram ``W Wᵀ``."""
+    diag = np.diag(G)
+    return diag[:, None] + diag[None, :] - 2.0 * G
+
+
 def _rows_well_separated(G: np.ndarray) -> bool:
     """True when no two weight rows are identical or near-duplicates (``‖w_k − w_j‖² > 10⁻⁶ (‖w_k‖² + ‖w_j‖²)``),
     the case where every target's normalised Gram comes straight from ``W Wᵀ``."""
     diag = np.diag(G)
-    dist2 = diag[:, None] + diag[None, :] - 2.0 * G
+    dist2 = _squared_row_distances(G)
     off = ~np.eye(G.shape[0], dtype=bool)
     return bool(np.all(dist2[off] > 1e-6 * (diag[:, None] + diag[None, :])[off]))
 
@@ -440,7 +446,7 @@ def _pairwise_batched(
     C, d = W.shape
     diag = np.diag(G)
     competitors = np.array([np.r_[0:k, k + 1 : C] for k in range(C)], dtype=np.intp)  # (C, C − 1)
-    nu = np.sqrt(diag[:, None] + np.take_along_axis(diag[None, :] - 2.0 * G, competitors, axis=1))
+    nu = np.sqrt(np.take_along_axis(_squared_row_distances(G), competitors, axis=1))  # ‖w_k − w_j‖, (C, C − 1)
     gk = np.take_along_axis(G, competitors, axis=1)
     grams = (diag[:, None, None] - gk[:, :, None] - gk[:, None, :] + G[competitors[:, :, None], competitors[:, None, :]])
     grams = grams / (nu[:, :, None] * nu[:, None, :])
