@@ -124,6 +124,19 @@ def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):
     assert metrics["asr"] is not None and 0.0 <= metrics["asr"] <= 1.0
 
 
+def test_remove_takes_a_deep_layer_and_names_a_wrong_one(attacked, tmp_path, capsys):
+    out = tmp_path / "deep"
+    assert main(["remove", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
+                 "--out", str(out), "--param", "epochs=1", "--param", "deep_layer=block3", "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["parameters"]["params"]["deep_layer"] == "block3"
+    capsys.readouterr()
+    assert main(["remove", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
+                 "--out", str(tmp_path / "x"), "--param", "deep_layer=block9", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the model has no layer 'block9'" in err and "Traceback" not in err
+
+
 def test_out_may_not_overwrite_inputs(attacked, capsys):
     code = main(["remove", "--model", str(attacked), "--clean", "digits", "--out", str(attacked), "--device", "cpu"])
     assert code == 2
