@@ -93,7 +93,10 @@ answer has no closed form below the head, so it is searched), refined on each ba
 latent direction (``benchmarks/tac_residual.md``); a shift one block below the latent can stand for it. On digits
 development models (``benchmarks/tac_deep_digits.md``, target given) the last conv stage takes BadNets from 16.5 %
 to 0.0 % ASR at 5.8 more ACC points (one stage lower it does not help), and on GTSRB BadNets (``layer4.0``) it
-ends at 97.4 / 0.0 % against 97.6 / 0.0 % without it; it costs 3.5–4× the removal time.
+ends at 97.4 / 0.0 % against 97.6 / 0.0 % without it; it costs 3.5–4× the removal time. A falsely flagged clean
+class is expensive under it: a universal flip toward a clean class at the last conv stage is real class evidence,
+and unlearning it took one digits model to 34 % ACC (default removal 75 %), so use it with a verdict that flags one
+class, or name the target (``targets``).
 """
 
 from __future__ import annotations
