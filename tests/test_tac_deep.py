@@ -35,7 +35,8 @@ def test_on_a_linear_top_the_search_is_bounded_by_the_exact_qp(seed):
     flip = minimal_universal_flip(model, "act", others, target, flip_rate=1.0, steps=30, bisections=8)
     assert flip.share == 1.0 and flip.layer == "act" and flip.target == target
     assert float(flip.delta.norm()) <= flip.radius * (1 + 1e-6)
-    # no shift shorter than the QP's flips every clean sample (exact.norms covers all 40, a superset of ``others``)
+    # the QP over all 40 samples (a superset of ``others``) needs at least as long a shift as any that flips
+    # ``others`` alone, so it bounds the search from above; the lower bound only checks the scale
     assert flip.radius > 0.2 * exact.norms[target]
     assert float(flip.delta.norm()) <= 1.5 * exact.norms[target]
     with torch.no_grad():

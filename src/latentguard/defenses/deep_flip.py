@@ -62,22 +62,6 @@ def _shape(out: object) -> str:
     return str(tuple(out.shape[1:])) if isinstance(out, torch.Tensor) else type(out).__name__
 
 
-@torch.no_grad()
-def activation_shape(model: nn.Module, layer: str, x1: torch.Tensor) -> tuple[int, ...]:
-    """Per-sample shape of ``layer``'s output (one probe pass on ``x1``)."""
-    seen: list[tuple[int, ...]] = []
-    handle = named_layer(model, layer).register_forward_hook(
-        lambda _m, _a, out: seen.append(tuple(out.shape[1:])) if isinstance(out, torch.Tensor) else None)
-    try:
-        with eval_mode(model):
-            model(x1)
-    finally:
-        handle.remove()
-    if not seen:
-        raise ModelError(f"layer {layer!r} gave no tensor during the forward pass: pick a layer on the model's path")
-    return seen[-1]
-
-
 def ball_attack(model: nn.Module, shift: LayerShift, x: torch.Tensor, target: int, radius: float,
                 start: torch.Tensor, steps: int, step_frac: float = 0.25) -> torch.Tensor:
     """δ with ‖δ‖ ≤ ``radius`` lowering the mean CE toward ``target`` over ``x``: normalised gradient steps of
