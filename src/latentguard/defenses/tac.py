@@ -179,7 +179,9 @@ class TACParams:
     recompute: str = "fixed"  # fixed: keep the s_p of the given model (default); epoch: re-solve after every epoch
     surrogate: str = "class"  # class: one s_p for every sample (the paper) | source: s_{a→p} for a sample of class a | both
     shift_scale: float = 1.0  # κ: each sample unlearns c·s_p with c ~ U[1, κ] (1: exactly s_p, the paper)
-    stop_ratio: float = 1.0  # drop p's unlearning term once ‖s_p‖ ≥ stop_ratio · median of the other ‖s_k‖ (0: never)
+    # drop p's unlearning term once ‖s_p‖ ≥ stop_ratio · median of the other ‖s_k‖ (0: never); with recompute="fixed"
+    # this is decided once, on the given model; only recompute="epoch" re-checks it as training moves the head
+    stop_ratio: float = 1.0
     prune_ratio: float = 0.05  # fraction of latent units pruned by strategy="prune"
     detect_only: bool = False  # return the model unchanged with the detection report
     head: str | None = None  # name of the output nn.Linear (None: found automatically)
@@ -545,7 +547,9 @@ class TAC(Defense):
 
 class _DeepTerms:
     """Deep TAC's unlearning terms: per flagged p, δ_p at ``deep_layer`` (:mod:`latentguard.defenses.deep_flip`),
-    refined on each batch inside the given model's ε_p; the term is CE(f(x) with δ_p added at the layer, y)."""
+    refined on each batch inside the given model's ε_p; the term is CE(f(x) with δ_p added at the layer, y). Its
+    shifted pass runs in train mode, so BatchNorm running statistics see the shifted activations too: freezing them
+    in that pass cost 4–10 ACC points on the digits development set (``benchmarks/tac_deep_digits.md``)."""
 
     def __init__(self, model: nn.Module, clean: Images, targets: list[int], p: TACParams, device: torch.device,
                  seed: int) -> None:
