@@ -2,7 +2,8 @@
 class-balanced share of 0.5 %, 1 %, 2 % and 5 % of the training set as the defender's clean data.
 
 Each share is drawn (seeded, class-balanced) from the zoo cell's 5 % reserve, so it never holds a poisoned
-image; 5 % is the whole reserve, i.e. the main grid (``--main``), whose records are reused rather than re-run.
+image; 5 % is the whole reserve, i.e. the main grid (``--main``), whose records are reused rather than re-run unless
+``--fractions`` lists 0.05 (needed when the zoo model was rebuilt after the grid ran).
 Every other share is one ``latentguard bench --clean-fraction F`` grid in ``OUT/f<F>/`` (resumable). The
 table and plot go to ``benchmarks/studies/clean_fraction.{md,json,png}``.
 
@@ -31,7 +32,9 @@ def collect(main: Path, out: Path, fractions: list[float], cells: list[tuple[str
     """One row per (cell, defense, fraction) found in the grids."""
     wanted = {(d, a) for d, a in cells}
     rows = []
-    sources = [(f, out / f"f{f:g}") for f in fractions] + [(0.05, main)]
+    sources = [(f, out / f"f{f:g}") for f in fractions]
+    if 0.05 not in fractions:  # the whole reserve: the main grid's rows, unless this study re-ran that share itself
+        sources.append((0.05, main))
     for fraction, folder in sources:
         if not (folder / bench.RESULTS).is_file():
             continue
@@ -43,13 +46,15 @@ def collect(main: Path, out: Path, fractions: list[float], cells: list[tuple[str
     return sorted(rows, key=lambda r: (r["dataset"], r["attack"], r["defense"], r["fraction"]))
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, five_from_main: bool = True) -> str:
+    five = ("The 5 % rows are the main grid (`benchmarks/results/main`)" if five_from_main else
+            "The 5 % rows (the whole reserve) were re-run by this study")
     lines = [
         "# Study: clean data available to the defender", "",
         "Each defense gets a class-balanced share of the training set (drawn from the zoo cell's 5 % reserve, "
         "no poisoned image) and its default parameters; ACC on the whole clean test set, ASR on triggered "
-        "non-target test images, RA on the same images against their true labels. The 5 % rows are the main grid "
-        f"(`benchmarks/results/main`). Machine: {os.cpu_count()} CPU cores ({platform.machine()}); seconds are wall "
+        "non-target test images, RA on the same images against their true labels. "
+        f"{five}. Machine: {os.cpu_count()} CPU cores ({platform.machine()}); seconds are wall "
         "time of the defense and grow when other jobs share the cores. One zoo model per cell and one seed.", "",
         f"Command: `{command}`", "",
         "| dataset | attack | defense | clean % | images | ACC % | ASR % | RA % | DER | flagged | s |",
@@ -118,7 +123,7 @@ def main() -> None:
     report.mkdir(parents=True, exist_ok=True)
     command = (f"python benchmarks/study_clean_fraction.py --data-root DATA --cells {args.cells} "
                f"--defenses {args.defenses} --fractions {args.fractions}")
-    (report / "clean_fraction.md").write_text(markdown(rows, command))
+    (report / "clean_fraction.md").write_text(markdown(rows, command, five_from_main=0.05 not in fractions))
     (report / "clean_fraction.json").write_text(json.dumps(rows, indent=1) + "\n")
     plot(rows, report / "clean_fraction.png")
     print((report / "clean_fraction.md").read_text())
