@@ -119,6 +119,19 @@ def test_undefended_evaluation_is_computed_once_per_model(tiny_zoo, tmp_path, mo
     assert rows[0]["acc_before"] == rows[1]["acc_before"] and rows[0]["asr_before"] == rows[1]["asr_before"]
     saved = json.loads((out / "undefended" / "digits-badnets.json").read_text())
     assert saved["evaluation"]["acc"] == rows[0]["acc_before"] and len(saved["weights_sha256"]) == 64
+    # per-class ACC before and after, one entry per class, averaging (weighted by class size) to ACC
+    for row in rows:
+        for per, total in ((row["class_acc_before"], row["acc_before"]), (row["class_acc"], row["acc"])):
+            assert len(per) == 10 and all(0.0 <= a <= 1.0 for a in per)
+            assert min(per) <= total <= max(per)
+    # a cache saved before per-class ACC was recorded is re-evaluated
+    legacy = dict(saved, evaluation={k: v for k, v in saved["evaluation"].items() if k != "class_acc"})
+    (out / "undefended" / "digits-badnets.json").write_text(json.dumps(legacy))
+    (out / "results.jsonl").unlink()
+    calls.clear()
+    redo = bench.run_grid(root, out, {"digits": "digits"}, ["badnets"], ["shrinkpad"], device="cpu",
+                          log=lambda _m: None)
+    assert len(calls) == 2 and redo[0]["class_acc_before"] == rows[0]["class_acc_before"]
     # a stale cache (other weights) is not trusted
     saved["weights_sha256"] = "0" * 64
     saved["evaluation"]["acc"] = 2.0

@@ -117,11 +117,14 @@ def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["parameters"]["params"]["epochs"] == 2
     assert report["metrics"]["target_classes"] == [0]
+    for key in ("reserve_class_acc_before", "reserve_class_acc_after"):
+        assert len(report["metrics"][key]) == 10 and all(0.0 <= a <= 1.0 for a in report["metrics"][key])
     ev = tmp_path / "ev"
     assert main(["evaluate", "--model", str(out), "--data", "digits", "--attack", str(attacked / "attack.json"),
                  "--out", str(ev), "--device", "cpu"]) == 0
     metrics = json.loads((ev / "evaluation.json").read_text())["metrics"]
     assert metrics["asr"] is not None and 0.0 <= metrics["asr"] <= 1.0
+    assert len(metrics["class_acc"]) == 10 and min(metrics["class_acc"]) <= metrics["acc"] <= max(metrics["class_acc"])
 
 
 def test_remove_takes_a_deep_layer_and_names_a_wrong_one(attacked, tmp_path, capsys):

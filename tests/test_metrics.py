@@ -68,3 +68,18 @@ def test_metric_input_errors():
         metrics.auroc([0.1, 0.2], [1, 1])
     with pytest.raises(LatentGuardError, match="NaN"):
         metrics.auroc([float("nan"), 0.2], [1, 0])
+
+
+def test_per_class_accuracy_hand_computed_and_consistent_with_accuracy():
+    y = np.array([0, 0, 1, 1, 1, 3])
+    p = np.array([0, 1, 1, 1, 0, 3])
+    per = metrics.per_class_accuracy(p, y, 4)
+    assert per == [0.5, pytest.approx(2 / 3), None, 1.0]
+    counts = np.bincount(y, minlength=4)
+    weighted = sum(a * c for a, c in zip(per, counts, strict=True) if a is not None) / len(y)
+    assert weighted == pytest.approx(metrics.accuracy(p, y))
+
+
+def test_per_class_accuracy_rejects_labels_outside_the_classes():
+    with pytest.raises(LatentGuardError, match=r"\[0, 2\)"):
+        metrics.per_class_accuracy([0, 1], [0, 2], 2)

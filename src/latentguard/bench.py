@@ -76,7 +76,7 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         "key": cell_key(dataset, attack, defense), "dataset": dataset, "attack": attack, "defense": defense,
         "acc_before": before.acc, "asr_before": before.asr, "ra_before": before.ra,
         "acc": after.acc, "asr": after.asr, "ra": after.ra, "seconds": result.seconds, "params": result.params,
-        "reserve_size": len(reserve),
+        "reserve_size": len(reserve), "class_acc_before": before.class_acc, "class_acc": after.class_acc,
     }
     if clean_fraction is not None:
         rec["clean_fraction"] = clean_fraction
@@ -125,7 +125,7 @@ def reserve_share(reserve, train_size: int, fraction: float, seed: int = 0) -> n
 
 def _undefended(cell: Path, model, test, backdoor_set, device: str, path: Path | None):
     """The undefended model's evaluation, computed once per zoo model and kept at ``path`` (keyed by the
-    weights' hash, so a rebuilt cell is re-evaluated)."""
+    weights' hash, so a rebuilt cell is re-evaluated; so is one saved before per-class ACC was recorded)."""
     from latentguard.evaluation import Evaluation, evaluate
     from latentguard.io import sha256_file
 
@@ -134,7 +134,7 @@ def _undefended(cell: Path, model, test, backdoor_set, device: str, path: Path |
     if key is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
-            if saved.get("weights_sha256") == key:
+            if saved.get("weights_sha256") == key and saved["evaluation"].get("class_acc") is not None:
                 return Evaluation(**saved["evaluation"])
         except (json.JSONDecodeError, TypeError, KeyError):
             pass  # recomputed below

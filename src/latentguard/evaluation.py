@@ -18,6 +18,7 @@ class Evaluation:
     ra: float | None = None
     n_clean: int = 0
     n_backdoor: int = 0
+    class_acc: list[float | None] | None = None  # ACC per true class of the clean test set
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +40,8 @@ def evaluate(
     """
     x, y = test.tensors()
     pred = predict(model, x, device=device, batch_size=batch_size)
-    result = Evaluation(acc=metrics.accuracy(pred, y), n_clean=len(y))
+    result = Evaluation(acc=metrics.accuracy(pred, y), n_clean=len(y),
+                        class_acc=metrics.per_class_accuracy(pred, y, test.num_classes))
     if attack is not None or backdoor_set is not None:
         xb, y_attack, y_true = backdoor_set if backdoor_set is not None else attack.get_backdoor_test_set(test)
         pb = predict(model, xb, device=device, batch_size=batch_size)

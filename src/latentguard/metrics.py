@@ -45,6 +45,18 @@ def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
     return float(np.mean(p == y))
 
 
+def per_class_accuracy(predictions: ArrayLike, labels: ArrayLike, num_classes: int) -> list[float | None]:
+    """ACC of each class k over the images labelled k (None for a class with no image): where a defense's cost
+    in clean accuracy falls, e.g. on the target class it unlearned."""
+    p, y = _pair(predictions, labels, ("predictions", "labels"))
+    y = y.astype(np.int64)
+    if num_classes < 1 or y.min() < 0 or y.max() >= num_classes:
+        raise LatentGuardError(f"labels must be class indices in [0, {num_classes}); got {y.min()}..{y.max()}")
+    hits = np.bincount(y, weights=(p == y).astype(float), minlength=num_classes)
+    counts = np.bincount(y, minlength=num_classes)
+    return [float(h / c) if c else None for h, c in zip(hits, counts, strict=True)]
+
+
 def attack_success_rate(predictions: ArrayLike, attack_labels: ArrayLike) -> float:
     """ASR: fraction of triggered non-target images predicted as the attack's label for them.
 

@@ -303,9 +303,9 @@ def defend_command(*, method: str, params: dict[str, Any], model: str, weights: 
     arch = _arch_of(model, weights, splits, width)
     with atomic_output_dir(out, inputs=_defender_inputs(model, weights, clean, [clean_indices]),
                            overwrite=overwrite) as tmp:
-        before = evaluate(net, reserve, device=dev).acc
+        before = evaluate(net, reserve, device=dev)
         result = defense.run(net, reserve, device=dev, seed=seed)
-        after = evaluate(result.model, reserve, device=dev).acc
+        after = evaluate(result.model, reserve, device=dev)
         if result.kind == "removal":
             save_defended(result.model.cpu(), tmp, arch)
         elif hasattr(result.model, "save"):
@@ -324,7 +324,8 @@ def defend_command(*, method: str, params: dict[str, Any], model: str, weights: 
             command, inputs={"weights": weights, "clean": _data_path(clean)},
             parameters={"method": method, "params": result.params, "model": model, "clean": clean,
                         "clean_fraction": clean_fraction, "seed": seed},
-            metrics={"reserve_acc_before": before, "reserve_acc_after": after,
+            metrics={"reserve_acc_before": before.acc, "reserve_acc_after": after.acc,
+                     "reserve_class_acc_before": before.class_acc, "reserve_class_acc_after": after.class_acc,
                      "backdoored": result.detection.backdoored if result.detection else None,
                      "target_classes": result.detection.target_classes if result.detection else None},
             seconds=result.seconds, extra={"defense": _jsonable(result.to_json())},
