@@ -93,8 +93,8 @@ answer has no closed form below the head, so it is searched), refined on each ba
 latent direction (``benchmarks/tac_residual.md``); a shift one block below the latent can stand for it. On digits
 development models (``benchmarks/tac_deep_digits.md``, target given) the last conv stage takes BadNets from 16.5 %
 to 0.0 % ASR at 5.8 more ACC points (one stage lower it does not help). On the zoo (``benchmarks/tac_deep.md``,
-``layer4.0``) it takes CIFAR-10 BadNets, TrojanNN and InputAware under 3 % ASR at 1.4–2.6 more ACC points, lost
-mostly on the target class, and leaves GTSRB BadNets at 97.4 / 0.0 % (97.6 / 0.0 % without it); it costs 3.7–3.9×
+``layer4.0``) it takes CIFAR-10 BadNets, TrojanNN and InputAware under 3 % ASR at 1.4–2.6 more ACC points (on
+BadNets lost mostly on the target class), and leaves GTSRB BadNets at 97.4 / 0.0 % (97.6 / 0.0 % without it); it costs 3.7–3.9×
 the removal time on digits and 2.5–3.1× on CIFAR-10. A falsely flagged clean
 class is expensive under it: a universal flip toward a clean class at the last conv stage is real class evidence,
 and unlearning it took one digits model to 34 % ACC (default removal 75 %), so use it with a verdict that flags one
