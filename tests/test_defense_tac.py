@@ -270,6 +270,100 @@ def test_shift_scale_unlearns_the_far_side_of_the_boundary(backdoored):
     assert still_mapped_to_p(2.5) < still_mapped_to_p(1.0) - 0.3
 
 
+def test_weighted_cross_entropy_scales_the_flagged_classes_terms_only():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0]])
+    y = torch.tensor([0, 1, 2])
+    per_sample = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    ones = torch.ones(3)
+    assert torch.allclose(tac.weighted_cross_entropy(logits, y, ones), torch.nn.functional.cross_entropy(logits, y))
+    w = torch.tensor([3.0, 1.0, 1.0])
+    expected = (3.0 * per_sample[0] + per_sample[1] + per_sample[2]) / 3  # a mean over the batch, not over Σ w
+    assert torch.allclose(tac.weighted_cross_entropy(logits, y, w), expected)
+
+
+def test_anchor_loss_moves_the_flagged_class_images_back_by_s_p():
+    head = nn.Linear(2, 3)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+        head.bias.zero_()
+    z = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 1.0], [4.0, 0.0]])
+    y = torch.tensor([0, 1, 0, 2])
+    s = torch.tensor([[1.0, -1.0]])  # s_0
+    f = torch.nn.functional
+    expected = (f.cross_entropy(head(z[[0, 2]] - s[0]), y[[0, 2]], reduction="sum")) / 4
+    assert torch.allclose(tac.anchor_loss(head, z, y, [0], s), expected)
+    assert float(tac.anchor_loss(head, z[[1, 3]], y[[1, 3]], [0], s)) == 0.0  # no image of p in the batch
+
+
+def test_target_anchor_adds_its_term_to_the_removal(backdoored):
+    kw = dict(epochs=1, batch_size=64, targets=[TARGET])
+    anchored = make_defense("tac", target_anchor=True, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    plain = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert anchored.params["target_anchor"] is True and max_param_change(anchored.model, plain.model) > 0
+
+
+@pytest.mark.parametrize("layers", [["fc1"], []])
+def test_tune_layers_fine_tunes_only_those_modules_and_the_head(backdoored, layers):
+    before = backdoored.model.state_dict()
+    result = make_defense("tac", tune_layers=layers, epochs=1, batch_size=64, targets=[TARGET]).run(
+        backdoored.model, backdoored.reserve, device="cpu")
+    after = result.model.state_dict()
+    tuned = ("fc.", *(f"{n}." for n in layers))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(tuned) for k in changed)  # BatchNorm buffers outside included
+    assert any(k.startswith("fc.") for k in changed)
+    assert all(m.momentum != 0.0 for m in result.model.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(ModelError, match="the model has no layer .block9."):
+        make_defense("tac", tune_layers=["block9"], epochs=1, targets=[TARGET]).run(
+            backdoored.model, backdoored.reserve, device="cpu")
+
+
+def test_class_mean_offsets_and_their_removal():
+    z = torch.tensor([[2.0, 0.0, 1.0], [4.0, 0.0, 1.0], [0.0, 1.0, 1.0], [0.0, 3.0, 1.0]])
+    labels = np.array([0, 0, 1, 1])
+    u = tac.class_mean_offsets(z, labels, [0, 1])
+    # μ_0 − μ_1 = (3, −2, 0), μ_1 − μ_0 its opposite
+    assert np.allclose(u[0], np.array([3.0, -2.0, 0.0]) / np.sqrt(13)) and np.allclose(u[1], -u[0])
+    v = np.array([[1.0, 1.0, 1.0], [3.0, -2.0, 5.0]])
+    left = tac.without_component(v, u)
+    assert np.allclose((left * u).sum(axis=1), 0.0)  # nothing along u_p is left
+    assert np.allclose(left[1], [0.0, 0.0, 5.0])  # v − (v·u)u with v's u-part (3, −2, 0)
+    with pytest.raises(SpecError, match="spare_class_mean needs reserve images of class 2"):
+        tac.class_mean_offsets(z, labels, [2])
+
+
+def test_spare_class_mean_unlearns_s_p_without_the_class_offset(backdoored):
+    cpu = torch.device("cpu")
+    fm = tac.feature_model(backdoored.model, backdoored.reserve, cpu)
+    whole = tac._Perturbations(fm, backdoored.reserve, [TARGET], cpu, 1.0)
+    spared = tac._Perturbations(fm, backdoored.reserve, [TARGET], cpu, 1.0, spare_class_mean=True)
+    z = tac.clean_latents(fm, backdoored.reserve, device=cpu)
+    u = torch.as_tensor(tac.class_mean_offsets(z, backdoored.reserve.y, [TARGET])[0], dtype=torch.float32)
+    s, s_spared = whole.tensor()[0], spared.tensor()[0]
+    assert abs(float(s @ u)) > 1e-3 and abs(float(s_spared @ u)) < 1e-4
+    assert torch.allclose(s - s_spared, float(s @ u) * u, atol=1e-5)
+    source = tac._Perturbations(fm, backdoored.reserve, [TARGET], cpu, 1.0, 0.0, "source", spare_class_mean=True)
+    (table,) = source.shifts(torch.arange(10))
+    assert torch.allclose(table @ u, torch.zeros(10), atol=1e-4)
+    kw = dict(epochs=2, batch_size=64, targets=[TARGET])
+    a = make_defense("tac", spare_class_mean=True, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    b = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert a.params["spare_class_mean"] is True and max_param_change(a.model, b.model) > 0
+
+
+def test_target_weight_raises_the_flagged_class_clean_term(backdoored, monkeypatch):
+    seen = []
+    real = tac.weighted_cross_entropy
+    monkeypatch.setattr(tac, "weighted_cross_entropy", lambda lo, y, w: seen.append(w.clone()) or real(lo, y, w))
+    kw = dict(epochs=1, batch_size=64, targets=[TARGET])
+    weighted = make_defense("tac", target_weight=3.0, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    expected = torch.ones(10)
+    expected[TARGET] = 3.0
+    assert seen and all(torch.equal(w, expected) for w in seen)
+    plain = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert max_param_change(weighted.model, plain.model) > 0
+
+
 def test_zero_epochs_leave_the_weights_equal(backdoored):
     result = make_defense("tac", epochs=0).run(backdoored.model, backdoored.reserve, device="cpu")
     assert result.extra["targets"] == [TARGET] and result.extra["history"]["epochs"] == []
@@ -301,6 +395,10 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"epochs": -1}, "tac: parameter epochs must be an integer >= 0"),
     ({"stop_ratio": -0.5}, "tac: parameter stop_ratio must be a number >= 0"),
     ({"shift_scale": 0.5}, "tac: parameter shift_scale must be a number >= 1"),
+    ({"target_weight": 0}, "tac: parameter target_weight must be a number > 0"),
+    ({"spare_class_mean": 1}, "tac: parameter spare_class_mean must be true or false"),
+    ({"target_anchor": "no"}, "tac: parameter target_anchor must be true or false"),
+    ({"tune_layers": [""]}, "tac: parameter tune_layers must be a list of module names (or null: every parameter)"),
     ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),
     ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),
     ({"targets": [-1]}, "tac: parameter targets must be a list of class indices"),

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from _defense_util import TARGET, assert_state_equal, backdoored_digits, state_copy
+import latentguard.defenses.tac as tac
+from _defense_util import TARGET, assert_state_equal, backdoored_digits, max_param_change, state_copy
 from latentguard.defenses import make_defense
 from latentguard.defenses.deep_flip import LayerShift, ball_attack, flip_share, minimal_universal_flip
 from latentguard.errors import ModelError, SpecError
@@ -126,6 +127,25 @@ def test_the_deep_term_removes_more_of_the_backdoor(backdoored, runs):
     assert after_deep.acc > after_plain.acc - 0.02
 
 
+def test_deep_beta_weighs_the_deep_term_alone(backdoored, monkeypatch):
+    calls = []
+    real = tac._DeepTerms.loss
+
+    def spy(self, model, x, y):
+        calls.append(1)
+        return real(self, model, x, y)
+
+    monkeypatch.setattr(tac._DeepTerms, "loss", spy)
+    common = dict(targets=[TARGET], batch_size=64, epochs=1, deep_layer="block3")
+    make_defense("tac", deep_beta=0.0, **common).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert calls == []  # a zero weight skips the deep term's pass
+    only_deep = make_defense("tac", beta=0.0, deep_beta=0.5, **common).run(backdoored.model, backdoored.reserve,
+                                                                          device="cpu")
+    assert len(calls) == 3  # one per batch of the 130-image reserve, even with β = 0
+    assert only_deep.params["deep_beta"] == 0.5
+    assert max_param_change(only_deep.model, backdoored.model) > 0
+
+
 def test_an_unknown_deep_layer_names_the_model_layers(backdoored):
     with pytest.raises(ModelError, match="the model has no layer 'blocks3': use one of"):
         make_defense("tac", targets=[TARGET], deep_layer="blocks3", epochs=1).run(
@@ -138,6 +158,7 @@ def test_an_unknown_deep_layer_names_the_model_layers(backdoored):
     ({"deep_flip_rate": 0}, "tac: parameter deep_flip_rate must be in (0, 1], got 0"),
     ({"deep_steps": 0}, "tac: parameter deep_steps must be an integer >= 1, got 0"),
     ({"deep_images": 0}, "tac: parameter deep_images must be an integer >= 1, got 0"),
+    ({"deep_beta": -1}, "tac: parameter deep_beta must be a number >= 0 (or null: beta), got -1"),
 ])
 def test_invalid_deep_params_raise_spec_error(bad, message):
     with pytest.raises(SpecError, match=re.escape(message)):
