@@ -6,11 +6,17 @@ attack's learned tensors) is kept in a cache directory so a study can be re-rend
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from latentguard.api import defend
 from latentguard.attacks import AttackContext, make_attack
+from latentguard.data import clean_reserve, load_data
+from latentguard.evaluation import evaluate
 from latentguard.models import build_model
 from latentguard.train import TrainConfig, fit
 
@@ -49,3 +55,44 @@ def dev_model(splits, attack_name: str, seed: int, params: dict, cache: Path, *,
         torch.save(attack.tensors(), attack_path)
     torch.save(model.state_dict(), path)
     return model.eval(), attack
+
+
+def run_removals(cache: Path, attacks: tuple[tuple[str, dict], ...], seeds: tuple[int, ...],
+                 configs: dict[str, dict], *, reserve: float, target: int = 0, threads: int = 1,
+                 extra: Callable[[object], dict] | None = None) -> list[dict]:
+    """TAC removal with ``target`` given, for every (attack, seed, config label) on the development models.
+
+    The reserve is a class-balanced ``reserve`` share of the training set (seeded by the model's seed). One record
+    per run (ACC / ASR / RA and per-class ACC before and after, removal seconds, plus ``extra(result)``) is appended
+    to ``cache/records.jsonl`` as it finishes, so a rerun resumes where the last one stopped.
+    """
+    torch.set_num_threads(threads)
+    splits = load_data("digits")
+    path = cache / "records.jsonl"
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["attack"], r["seed"], r["config"])] = r
+    for attack, params in attacks:
+        for seed in seeds:
+            model, atk = dev_model(splits, attack, seed, params, cache)
+            bset = atk.get_backdoor_test_set(splits.test)
+            held = splits.train.subset(clean_reserve(splits.train, reserve, seed=seed))
+            base = evaluate(model, splits.test, backdoor_set=bset, device="cpu")
+            for label, cfg in configs.items():
+                if (attack, seed, label) in done:
+                    continue
+                t0 = time.perf_counter()
+                res = defend("tac", model, held, device="cpu", seed=seed, targets=[target], **cfg)
+                seconds = time.perf_counter() - t0
+                ev = evaluate(res.model, splits.test, backdoor_set=bset, device="cpu")
+                rec = {"attack": attack, "seed": seed, "config": label, "acc_before": base.acc,
+                       "asr_before": base.asr, "class_acc_before": base.class_acc, "acc": ev.acc, "asr": ev.asr,
+                       "ra": ev.ra, "class_acc": ev.class_acc, "seconds": seconds, **(extra(res) if extra else {})}
+                with open(path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                done[(attack, seed, label)] = rec
+                print(f"{attack} {seed} {label}: ACC {100 * ev.acc:.1f} ASR {100 * ev.asr:.1f} "
+                      f"target-class ACC {100 * ev.class_acc[target]:.1f}", flush=True)
+    return list(done.values())

@@ -20,17 +20,10 @@ mean. Records are appended to a JSONL cache, so a rerun resumes.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from digits_dev import dev_model
-
-from latentguard.api import defend
-from latentguard.data import clean_reserve, load_data
-from latentguard.evaluation import evaluate
+from digits_dev import run_removals
 
 ATTACKS = (("badnets", {}), ("blend", {}), ("wanet", {"s": 3.0}))
 SEEDS = (70, 71, 72)
@@ -47,36 +40,7 @@ CONFIGS = {  # label: TAC parameters (besides targets=[0])
 
 
 def run(cache: Path, threads: int) -> list[dict]:
-    torch.set_num_threads(threads)
-    splits = load_data("digits")
-    path = cache / "records.jsonl"
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["attack"], r["seed"], r["config"])] = r
-    for attack, params in ATTACKS:
-        for seed in SEEDS:
-            model, atk = dev_model(splits, attack, seed, params, cache)
-            bset = atk.get_backdoor_test_set(splits.test)
-            reserve = splits.train.subset(clean_reserve(splits.train, RESERVE, seed=seed))
-            base = evaluate(model, splits.test, backdoor_set=bset, device="cpu")
-            for label, cfg in CONFIGS.items():
-                if (attack, seed, label) in done:
-                    continue
-                t0 = time.perf_counter()
-                res = defend("tac", model, reserve, device="cpu", seed=seed, targets=[TARGET], **cfg)
-                seconds = time.perf_counter() - t0
-                ev = evaluate(res.model, splits.test, backdoor_set=bset, device="cpu")
-                rec = {"attack": attack, "seed": seed, "config": label, "acc_before": base.acc,
-                       "asr_before": base.asr, "class_acc_before": base.class_acc, "acc": ev.acc, "asr": ev.asr,
-                       "ra": ev.ra, "class_acc": ev.class_acc, "seconds": seconds}
-                with open(path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                done[(attack, seed, label)] = rec
-                print(f"{attack} {seed} {label}: ACC {100 * ev.acc:.1f} ASR {100 * ev.asr:.1f} "
-                      f"target ACC {100 * ev.class_acc[TARGET]:.1f}", flush=True)
-    return list(done.values())
+    return run_removals(cache, ATTACKS, SEEDS, CONFIGS, reserve=RESERVE, threads=threads)
 
 
 def _target_and_rest(class_acc: list[float]) -> tuple[float, float]:

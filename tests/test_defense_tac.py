@@ -313,6 +313,10 @@ def test_tune_layers_fine_tunes_only_those_modules_and_the_head(backdoored, laye
     assert changed and all(k.startswith(tuned) for k in changed)  # BatchNorm buffers outside included
     assert any(k.startswith("fc.") for k in changed)
     assert all(m.momentum != 0.0 for m in result.model.modules() if isinstance(m, nn.BatchNorm2d))
+    frozen = tac._FrozenOutside(result.model, ["fc", "fc1", "fc1"], "fc")  # named twice, head included
+    expected = [*result.model.fc.parameters(), *result.model.fc1.parameters()]
+    assert len(frozen.trainable) == len(expected) and {id(q) for q in frozen.trainable} == {id(q) for q in expected}
+    frozen.restore()
     with pytest.raises(ModelError, match="the model has no layer .block9."):
         make_defense("tac", tune_layers=["block9"], epochs=1, targets=[TARGET]).run(
             backdoored.model, backdoored.reserve, device="cpu")

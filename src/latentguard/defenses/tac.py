@@ -102,9 +102,9 @@ class, or name the target (``targets``). ``deep_beta`` weighs the deep term alon
 β = 1 and let ASR climb back to 3–4 % on a CIFAR-10 BadNets development build).
 
 Removal's ACC cost falls mostly on the target class (CIFAR-10 BadNets, two development builds: −7 to −11 points,
-the others −1.9; ``benchmarks/tac_target_class.md``). Measured variants that try to keep it there, none the default:
+the others −1.8 to −1.9; ``benchmarks/tac_target_class.md``). Measured variants that try to keep it there, none the default:
 ``target_weight`` (the flagged class's clean CE weighs more) and ``target_anchor`` (its images, moved back by s_p,
-must still read as p) give the target class 4–11 points back while the other classes lose as many, ASR the same or
+must still read as p) give the target class 4–8 points back while the other classes lose as many, ASR the same or
 higher; ``spare_class_mean`` (unlearn s_p without its component along μ_p − μ_¬p) restores Blend's backdoor on
 digits (``benchmarks/tac_protect_digits.md``); ``tune_layers`` (fine-tune only those modules and the head) keeps
 ACC and the backdoor (last stage: 81.1 / 32.8 %; head alone: 80.7 / 55.9 %).
@@ -792,7 +792,8 @@ class _FrozenOutside:
     def __init__(self, model: nn.Module, names: list[str], head_name: str) -> None:
         tuned = [named_layer(model, n) for n in [*names, head_name]]
         inside = {id(m) for t in tuned for m in t.modules()}
-        self.trainable = [p for t in tuned for p in t.parameters()]
+        # a module named twice, or inside another named one, gives its parameters once
+        self.trainable = list({id(p): p for t in tuned for p in t.parameters()}.values())
         self._momenta = [(m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
                          for m in model.modules()
                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in inside]
