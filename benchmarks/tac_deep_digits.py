@@ -18,16 +18,16 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from digits_dev import run_removals
+from digits_dev import PAPER_REMOVAL, run_removals
 
 ATTACKS = (("badnets", {}), ("blend", {}), ("wanet", {"s": 3.0}))
 SEEDS = (60, 61, 62)
 RESERVE = 0.1
 CONFIGS = {  # label: TAC parameters (besides targets=[0])
-    "s_p only (default)": {},
-    "deep block3, flip 0.9": {"deep_layer": "block3"},
-    "deep block3, flip 0.5": {"deep_layer": "block3", "deep_flip_rate": 0.5},
-    "deep block2, flip 0.9": {"deep_layer": "block2"},
+    "s_p only (the paper's removal)": PAPER_REMOVAL,
+    "deep block3, flip 0.9": {**PAPER_REMOVAL, "deep_layer": "block3"},
+    "deep block3, flip 0.5": {**PAPER_REMOVAL, "deep_layer": "block3", "deep_flip_rate": 0.5},
+    "deep block2, flip 0.9": {**PAPER_REMOVAL, "deep_layer": "block2"},
 }
 
 

@@ -23,19 +23,20 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from digits_dev import run_removals
+from digits_dev import PAPER_REMOVAL, run_removals
 
 ATTACKS = (("badnets", {}), ("blend", {}), ("wanet", {"s": 3.0}))
 SEEDS = (70, 71, 72)
 RESERVE = 0.1
 TARGET = 0
 CONFIGS = {  # label: TAC parameters (besides targets=[0])
-    "default": {},
-    "target_weight 2": {"target_weight": 2.0},
-    "target_weight 4": {"target_weight": 4.0},
-    "spare_class_mean": {"spare_class_mean": True},
-    "spare + weight 2": {"spare_class_mean": True, "target_weight": 2.0},
-    "target_anchor": {"target_anchor": True},
+    "paper's removal": PAPER_REMOVAL,
+    "target_weight 2": {**PAPER_REMOVAL, "target_weight": 2.0},
+    "target_weight 4": {**PAPER_REMOVAL, "target_weight": 4.0},
+    "spare_class_mean": {**PAPER_REMOVAL, "spare_class_mean": True},
+    "spare + weight 2": {**PAPER_REMOVAL, "spare_class_mean": True, "target_weight": 2.0},
+    "target_anchor": {**PAPER_REMOVAL, "target_anchor": True},
+    "head_shift 0.5, target row, β 0 (the default now)": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0.0},
 }
 
 
@@ -53,7 +54,7 @@ def table(records: list[dict]) -> str:
     lines = [head, "|---|---|---|---|---|---|---|"]
     for attack, _ in ATTACKS:
         rows = [r for r in records if r["attack"] == attack]
-        first = sorted((r for r in rows if r["config"] == "default"), key=lambda r: r["seed"])
+        first = sorted((r for r in rows if r["config"] == "paper's removal"), key=lambda r: r["seed"])
         own, rest = zip(*(_target_and_rest(r["class_acc_before"]) for r in first), strict=True)
         lines.append(f"| {attack} | undefended | {100 * np.mean([r['acc_before'] for r in first]):.1f} | "
                      f"{100 * np.mean([r['asr_before'] for r in first]):.1f} | {100 * np.mean(own):.1f} | "
@@ -90,7 +91,9 @@ def main() -> None:
         "Mean seconds per removal: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
         "",
     ]
-    args.out.write_text("\n".join(text))
+    old = args.out.read_text() if args.out.is_file() else ""
+    reading = old[old.index("## Reading"):] if "## Reading" in old else ""  # hand-written: kept
+    args.out.write_text("\n".join(text) + ("\n" + reading if reading else ""))
     print(args.out.read_text())
 
 

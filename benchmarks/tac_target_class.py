@@ -77,8 +77,10 @@ def main() -> None:
         "CIFAR-10 BadNets built with `latentguard zoo build --seed 1` and `--seed 2` (the zoo's defaults otherwise; "
         "not the zoo's models). Each cell is one `latentguard bench` run of TAC with its detection (class 0 "
         "flagged alone in every run), 1 CPU thread. % after removal; \"others' Δ\" is the mean change of the nine "
-        "other classes' ACC in points; (goal): ASR ≤ 3 % with at most 2 points of ACC lost. Settings (TAC "
-        f"parameters): {params}.",
+        "other classes' ACC in points; (goal): ASR ≤ 3 % with at most 2 points of ACC lost. Measured before the "
+        "head shift became TAC's default (`tac_head_shift.md`): every setting ran on the paper's removal (β = 1, "
+        "no head shift), which `{}` meant then; to rerun one now, add `\"beta\": 1, \"head_shift\": 0`. Settings "
+        f"(TAC parameters): {params}.",
         "",
         table(args.results),
         "",

@@ -33,6 +33,7 @@ from latentguard.workflows import _with_head
 
 FIXTURE = Path(__file__).parent / "fixtures" / "user_model.py"
 FAST = dict(epochs=2, batch_size=64)  # enough to see that a parameter acts, not to remove the backdoor
+PAPER = dict(beta=1.0, head_shift=0.0)  # the paper's removal: the s_p term, no feature shift of the head
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +127,17 @@ def test_removal_lowers_asr_and_keeps_accuracy(wide, removal):
     assert after.asr < 0.1  # measured 0.01
     assert after.acc > wide.acc - 0.04  # measured 0.949 vs 0.962
     assert result.detection.target_classes == [TARGET] and result.extra["targets"] == [TARGET]
+    assert result.extra["head_shift"]["rows"] == [TARGET] and result.extra["head_shift"]["cosine_to_original"] < 0
+    assert len(result.extra["norm_trace"]) == 2  # fixed s_p (default): the initial solve and the final one
+
+
+def test_the_papers_removal_pushes_the_target_away_from_small_shifts(wide):
+    result = make_defense("tac", batch_size=64, **PAPER).run(wide.model, wide.reserve, device="cpu")
+    after = wide.evaluate(result.model)
+    assert after.asr < 0.1 and after.acc > wide.acc - 0.04  # measured 0.01 and 0.949 vs 0.962
+    assert "head_shift" not in result.extra
     # the reconstructed change into the target grows: the head no longer maps a small shift to class 0
     assert result.extra["final_norms"][0] > 2 * result.extra["initial_norms"][0]
-    assert len(result.extra["norm_trace"]) == 2  # fixed s_p (default): the initial solve and the final one
 
 
 def test_removal_uses_only_the_reserve_and_leaves_the_input_alone(wide, removal):
@@ -197,6 +206,10 @@ def test_prune_zeroes_the_head_columns_of_the_largest_tac_units(backdoored):
     assert len(more.extra["pruned_units"]) == 16 and set(units) <= set(more.extra["pruned_units"])
     plain = make_defense("tac", **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
     assert "pruned_units" not in plain.extra
+    # a head row drawn again by the feature shift keeps the pruned columns at zero
+    shifted = make_defense("tac", strategy="prune", head_shift=0.5, head_shift_rows="targets", **FAST).run(
+        backdoored.model, backdoored.reserve, device="cpu")
+    assert shifted.extra["pruned_units"] == units and bool((shifted.model.fc.weight[:, units] == 0).all())
 
 
 def test_prune_latent_units_picks_the_largest_magnitudes():
@@ -208,7 +221,7 @@ def test_prune_latent_units_picks_the_largest_magnitudes():
 
 
 def test_recompute_epoch_and_fixed_both_run_and_differ(backdoored):
-    kw = dict(epochs=3, batch_size=64)
+    kw = dict(epochs=3, batch_size=64, **PAPER)
     every = make_defense("tac", recompute="epoch", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     fixed = make_defense("tac", recompute="fixed", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     assert len(every.extra["norm_trace"]) == 3 + 2 and len(fixed.extra["norm_trace"]) == 2
@@ -220,7 +233,7 @@ def test_recompute_epoch_and_fixed_both_run_and_differ(backdoored):
 
 
 def test_source_surrogate_unlearns_each_sources_own_perturbation(backdoored):
-    kw = dict(epochs=2, batch_size=64, targets=[TARGET])
+    kw = dict(epochs=2, batch_size=64, targets=[TARGET], **PAPER)
     per_source = make_defense("tac", surrogate="source", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     shared = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     assert per_source.params["surrogate"] == "source" and shared.params["surrogate"] == "class"
@@ -255,7 +268,7 @@ def test_shift_scales_are_uniform_between_one_and_kappa():
 
 def test_shift_scale_unlearns_the_far_side_of_the_boundary(backdoored):
     """κ > 1 also unlearns c·s_p beyond p's boundary; κ = 1 leaves 2·s_p mapped to p (digits: 89 % vs 28 %)."""
-    kw = dict(epochs=2, batch_size=64, targets=[TARGET])
+    kw = dict(epochs=2, batch_size=64, targets=[TARGET], **PAPER)
     cpu = torch.device("cpu")
     s_p = torch.as_tensor(tac.solve_tac(tac.feature_model(backdoored.model, backdoored.reserve, cpu),
                                         backdoored.reserve, device=cpu).perturbations[TARGET], dtype=torch.float32)
@@ -296,7 +309,7 @@ def test_anchor_loss_moves_the_flagged_class_images_back_by_s_p():
 
 
 def test_target_anchor_adds_its_term_to_the_removal(backdoored):
-    kw = dict(epochs=1, batch_size=64, targets=[TARGET])
+    kw = dict(epochs=1, batch_size=64, targets=[TARGET], **PAPER)
     anchored = make_defense("tac", target_anchor=True, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     plain = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     assert anchored.params["target_anchor"] is True and max_param_change(anchored.model, plain.model) > 0
@@ -349,7 +362,7 @@ def test_spare_class_mean_unlearns_s_p_without_the_class_offset(backdoored):
     source = tac._Perturbations(fm, backdoored.reserve, [TARGET], cpu, 1.0, 0.0, "source", spare_class_mean=True)
     (table,) = source.shifts(torch.arange(10))
     assert torch.allclose(table @ u, torch.zeros(10), atol=1e-4)
-    kw = dict(epochs=2, batch_size=64, targets=[TARGET])
+    kw = dict(epochs=2, batch_size=64, targets=[TARGET], **PAPER)
     a = make_defense("tac", spare_class_mean=True, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     b = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     assert a.params["spare_class_mean"] is True and max_param_change(a.model, b.model) > 0
@@ -368,6 +381,41 @@ def test_target_weight_raises_the_flagged_class_clean_term(backdoored, monkeypat
     assert max_param_change(weighted.model, plain.model) > 0
 
 
+@pytest.mark.parametrize("rows", ["all", "targets"])
+def test_head_shift_draws_the_rows_again_pushes_them_off_the_original_and_keeps_their_norm(backdoored, rows):
+    kw = dict(epochs=1, batch_size=64, targets=[TARGET])
+    w0 = backdoored.model.fc.weight.detach().clone()
+    shifted = make_defense("tac", head_shift=0.2, head_shift_rows=rows, **kw).run(
+        backdoored.model, backdoored.reserve, device="cpu")
+    plain = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    w = shifted.model.fc.weight.detach()
+    info = shifted.extra["head_shift"]
+    assert info["alpha"] == 0.2 and info["rows"] == ("all" if rows == "all" else [TARGET])
+    if rows == "all":
+        assert torch.allclose(w.norm(), w0.norm(), rtol=1e-5)
+        assert float(torch.nn.functional.cosine_similarity(w.flatten(), w0.flatten(), dim=0)) < 0.5
+    else:
+        assert torch.allclose(w[TARGET].norm(), w0[TARGET].norm(), rtol=1e-5)
+        assert float(torch.nn.functional.cosine_similarity(w[TARGET], w0[TARGET], dim=0)) < 0.5
+        others = [k for k in range(10) if k != TARGET]  # fine-tuned from the given weights, not drawn again
+        assert float(torch.nn.functional.cosine_similarity(w[others].flatten(), w0[others].flatten(), dim=0)) > 0.9
+    assert info["cosine_to_original"] < 0.5
+    assert max_param_change(shifted.model, plain.model) > 0
+
+
+def test_head_shift_penalty_is_alpha_times_the_inner_product_with_the_original_rows():
+    head = nn.Linear(3, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    shift = tac._HeadShift(head, [1], TACParams(head_shift=0.5, head_shift_rows="targets"), seed=0)
+    assert torch.equal(head.weight[0], torch.tensor([1.0, 0.0, 0.0]))  # row 0 is not a target: untouched
+    with torch.no_grad():
+        head.weight[1] = torch.tensor([0.0, 3.0, 4.0])
+    assert float(shift.penalty().detach()) == pytest.approx(0.5 * 6.0)  # only row 1 counts: ⟨(0, 3, 4), (0, 2, 0)⟩ = 6
+    shift.projection.step()
+    assert float(head.weight[1].detach().norm()) == pytest.approx(2.0) and torch.equal(head.weight[0], torch.tensor([1.0, 0, 0]))
+
+
 def test_zero_epochs_leave_the_weights_equal(backdoored):
     result = make_defense("tac", epochs=0).run(backdoored.model, backdoored.reserve, device="cpu")
     assert result.extra["targets"] == [TARGET] and result.extra["history"]["epochs"] == []
@@ -375,15 +423,16 @@ def test_zero_epochs_leave_the_weights_equal(backdoored):
 
 
 def test_beta_and_stop_ratio_change_the_outcome(backdoored):
-    base = make_defense("tac", **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
-    no_tac = make_defense("tac", beta=0.0, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    base = make_defense("tac", **PAPER, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    no_tac = make_defense("tac", beta=0.0, head_shift=0.0, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
     assert max_param_change(base.model, no_tac.model) > 0
     # the early stop acts on re-solved perturbations only
-    resolved = make_defense("tac", recompute="epoch", **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
-    never_stop = make_defense("tac", recompute="epoch", stop_ratio=0.0, **FAST).run(
+    resolved = make_defense("tac", recompute="epoch", **PAPER, **FAST).run(backdoored.model, backdoored.reserve,
+                                                                         device="cpu")
+    never_stop = make_defense("tac", recompute="epoch", stop_ratio=0.0, **PAPER, **FAST).run(
         backdoored.model, backdoored.reserve, device="cpu")
     assert max_param_change(resolved.model, never_stop.model) > 0
-    fixed_never_stop = make_defense("tac", stop_ratio=0.0, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
+    fixed_never_stop = make_defense("tac", stop_ratio=0.0, **PAPER, **FAST).run(backdoored.model, backdoored.reserve, device="cpu")
     assert_state_equal(base.model, fixed_never_stop.model)
 
 
@@ -404,6 +453,9 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"target_anchor": "no"}, "tac: parameter target_anchor must be true or false"),
     ({"tune_layers": [""]}, "tac: parameter tune_layers must be a list of module names (or null: every parameter)"),
     ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),
+    ({"noise_beta": -1}, "tac: parameter noise_beta must be a number >= 0 (or null: beta)"),
+    ({"head_shift": -0.1}, "tac: parameter head_shift must be a number >= 0 (0: off)"),
+    ({"head_shift_rows": "p"}, "tac: parameter head_shift_rows must be one of targets, all, got 'p'"),
     ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),
     ({"targets": [-1]}, "tac: parameter targets must be a list of class indices"),
     ({"detect_only": "yes"}, "tac: parameter detect_only must be true or false"),

@@ -196,6 +196,16 @@ def test_removal_fits_noisy_copies_only_when_the_probe_flags_the_target():
     assert spy.noisy_training_batches == 0  # the input model is untouched
 
 
+@pytest.mark.parametrize(("beta", "noise_beta", "noisy"), [(0.0, None, False), (0.0, 1.0, True), (1.0, 0.0, False)])
+def test_noise_beta_weighs_the_noise_terms_apart_from_beta(beta, noise_beta, noisy):
+    images = _images(n_per_class=20)
+    spy = _InputSpy(_NoiseKeyed(key=0.5)).eval()
+    result = make_defense("tac", noise_unlearn=True, smooth_probe=0.0, epochs=1, batch_size=40, beta=beta,
+                          noise_beta=noise_beta).run(spy, images, device="cpu")
+    assert result.extra["noise_unlearn"] == [{"sigma": 0.1, "grid": 0}]
+    assert result.model.noisy_training_batches == (len(images) // 40 if noisy else 0)
+
+
 def test_fire_detection_uses_the_probe_unless_switched_off():
     from latentguard.defenses.fire import repair
 

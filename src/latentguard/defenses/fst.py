@@ -55,30 +55,44 @@ class FSTParams:
 
 
 class NormProjection(torch.optim.Optimizer):
-    """Not an optimiser: its ``step`` rescales ``weight`` to Frobenius norm ``radius`` (run after each step)."""
+    """Not an optimiser: its ``step`` rescales ``weight`` to Frobenius norm ``radius`` (run after each step);
+    with ``rows``, each listed row of ``weight`` to its own norm ``radius[i]`` instead, the other rows untouched."""
 
-    def __init__(self, weight: nn.Parameter, radius: float) -> None:
-        super().__init__([weight], {"radius": float(radius)})
+    def __init__(self, weight: nn.Parameter, radius: float | list[float], rows: list[int] | None = None) -> None:
+        radii = [float(r) for r in radius] if rows is not None else float(radius)
+        if rows is not None and len(rows) != len(radii):
+            raise ValueError(f"NormProjection: {len(rows)} rows but {len(radii)} radii")
+        super().__init__([weight], {"radius": radii, "rows": rows})
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             for w in group["params"]:
-                norm = w.norm()
-                if norm > 0:
-                    w.mul_(group["radius"] / norm)
+                if group["rows"] is None:
+                    _rescale(w, group["radius"])
+                    continue
+                for row, radius in zip(group["rows"], group["radius"], strict=True):
+                    _rescale(w[row], radius)
         return None
 
 
-def reinitialise_head(head: nn.Linear, generator: torch.Generator) -> None:
-    """U(−1/√d, 1/√d) for the weight and bias of ``head`` (d = its input dimension)."""
+def _rescale(w: torch.Tensor, radius: float) -> None:
+    norm = w.norm()
+    if norm > 0:
+        w.mul_(radius / norm)
+
+
+def reinitialise_head(head: nn.Linear, generator: torch.Generator, rows: list[int] | None = None) -> None:
+    """U(−1/√d, 1/√d) for the weight and bias of ``head`` (d = its input dimension); with ``rows``, only those
+    output rows (and their bias entries) are drawn again."""
     bound = 1.0 / math.sqrt(head.in_features)
     with torch.no_grad():
         w = (torch.rand(head.weight.shape, generator=generator) * 2 - 1) * bound
-        head.weight.copy_(w.to(head.weight.device))
+        b = (torch.rand(head.out_features, generator=generator) * 2 - 1) * bound
+        keep = slice(None) if rows is None else rows
+        head.weight[keep] = w[keep].to(head.weight.device)
         if head.bias is not None:
-            b = (torch.rand(head.bias.shape, generator=generator) * 2 - 1) * bound
-            head.bias.copy_(b.to(head.bias.device))
+            head.bias[keep] = b[keep].to(head.bias.device)
 
 
 @register_defense
