@@ -38,12 +38,16 @@ SETTINGS = {  # directory suffix: (label, parameters as given to bench)
                     '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0}}'),
     "hs_tgt1_b0": ("head_shift 1.0, target row, β 0",
                    '{"tac": {"head_shift": 1.0, "head_shift_rows": "targets", "beta": 0}}'),
-    "hs_tgt05_b0_n1": ("head_shift 0.5, target row, β 0, noise_beta 1",
-                       '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 1}}'),
-    "hs_tgt05_b0_n03": ("head_shift 0.5, target row, β 0, noise_beta 0.3",
-                        '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 0.3}}'),
-    "hs_tgt05_b0_n01": ("head_shift 0.5, target row, β 0, noise_beta 0.1",
-                        '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 0.1}}'),
+    "hs_tgt05_b0_n1": ("head_shift 0.5, target row, β 0, noise_beta 1, noise_scale 1",
+                       '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 1, "noise_scale": 1}}'),
+    "hs_tgt05_b0_n03": ("head_shift 0.5, target row, β 0, noise_beta 0.3, noise_scale 1",
+                        '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 0.3, "noise_scale": 1}}'),
+    "hs_tgt05_b0_n01": ("head_shift 0.5, target row, β 0, noise_beta 0.1, noise_scale 1",
+                        '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 0.1, "noise_scale": 1}}'),
+    "ns05": ("head_shift 0.5, target row, β 0, noise_beta 1, noise_scale 0.5 (the defaults)",
+             '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 1, "noise_scale": 0.5}}'),
+    "ns025": ("head_shift 0.5, target row, β 0, noise_beta 1, noise_scale 0.25",
+              '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0, "noise_beta": 1, "noise_scale": 0.25}}'),
     "hs_tgt05_b1": ("head_shift 0.5, target row, with the s_p term",
                     '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets"}}'),
 }
@@ -91,16 +95,22 @@ def _goal(r: dict) -> bool:
     return r["asr"] is not None and r["asr"] <= 0.03 and 100 * (r["acc_before"] - r["acc"]) <= 2 + 1e-9
 
 
-def zoo_table(new: Path, paper: Path) -> str:
-    """The zoo models, the paper's removal beside this version's defaults (one bench directory each)."""
+def zoo_table(new: Path, paper: Path, rerun: Path | None = None) -> str:
+    """The zoo models, the paper's removal beside this version's defaults (one bench directory each). ``rerun``: the
+    cells where the noise term ran, judged again once ``noise_scale`` 0.5 became the default (the other cells do
+    not run that term, so it does not enter them)."""
     def rows(path: Path) -> dict:
         if not path.is_file():
             return {}
         return {(r["dataset"], r["attack"]): r for r in map(json.loads, path.read_text().splitlines())}
 
     ours, theirs = rows(new / "results.jsonl"), rows(paper / "results.jsonl")
+    first = dict(ours)
+    if rerun is not None:
+        for d in sorted(rerun.glob("*/results.jsonl")):
+            ours.update(rows(d))
     lines = ["| dataset | attack | undefended | flagged | paper's removal | drop | new defaults | drop | target class "
-             "(paper → new) |", "|---|---|---|---|---|---|---|---|---|"]
+             "(paper → new) | noise σ × 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r: dict | None) -> str:
         if r is None:
@@ -117,7 +127,8 @@ def zoo_table(new: Path, paper: Path) -> str:
         target = "–" if t is None or q is None else (f"{100 * q['class_acc'][t]:.1f} → {100 * r['class_acc'][t]:.1f} "
                                                     f"(was {100 * r['class_acc_before'][t]:.1f})")
         lines.append(f"| {key[0]} | {key[1]} | {100 * r['acc_before']:.1f} / {asr} | "
-                     f"{', '.join(map(str, flagged)) or 'none'} | {cell(q)} | {cell(r)} | {target} |")
+                     f"{', '.join(map(str, flagged)) or 'none'} | {cell(q)} | {cell(r)} | {target} | "
+                     f"{'same' if first[key] is r else cell(first[key]).replace(' | ', ', drop ')} |")
     return "\n".join(lines)
 
 
@@ -127,6 +138,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/tac_head_shift.md"))
     ap.add_argument("--zoo", type=Path, default=Path("benchmarks/results/tac_head_shift_zoo"),
                     help="bench directory of the zoo run with the new defaults")
+    ap.add_argument("--zoo-rerun", type=Path, default=Path("benchmarks/results/tac_head_shift_zoo_noise_scale"),
+                    help="bench directories (one per cell) of the cells judged again with noise_scale 0.5")
     ap.add_argument("--zoo-paper", type=Path, default=Path("benchmarks/results/tac_head_shift_zoo_paper"),
                     help="bench directory of the zoo run with the paper's removal")
     args = ap.parse_args()
@@ -152,10 +165,13 @@ def main() -> None:
         "each judged once with this version's defaults (`latentguard bench --datasets D --attacks A --defenses tac "
         "--out benchmarks/results/tac_head_shift_zoo`) and once with the paper's removal in the same version "
         "(`--params '{\"tac\": {\"beta\": 1, \"head_shift\": 0, \"noise_beta\": null}}'`, "
-        "`benchmarks/results/tac_head_shift_zoo_paper`). Detection is the same in both. ACC / ASR %; drop in ACC "
-        "points; (goal) as above.",
+        "`benchmarks/results/tac_head_shift_zoo_paper`). Detection is the same in both. The first run drew the noise "
+        "terms at the probe's σ; where they ran (the probe flagged the target: CIFAR-10 Blend and TrojanNN, GTSRB "
+        "Blend) the cell was judged again once `noise_scale` 0.5 became the default "
+        "(`benchmarks/results/tac_head_shift_zoo_noise_scale/`), and the last column keeps the first run's figure; "
+        "elsewhere that term does not run. ACC / ASR %; drop in ACC points; (goal) as above.",
         "",
-        zoo_table(args.zoo, args.zoo_paper),
+        zoo_table(args.zoo, args.zoo_paper, args.zoo_rerun),
         "",
     ]
     args.out.write_text("\n".join(text) + ("\n" + reading if reading else ""))

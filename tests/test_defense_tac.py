@@ -453,6 +453,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"target_anchor": "no"}, "tac: parameter target_anchor must be true or false"),
     ({"tune_layers": [""]}, "tac: parameter tune_layers must be a list of module names (or null: every parameter)"),
     ({"prune_ratio": 1.0}, "tac: parameter prune_ratio must be in (0, 1)"),
+    ({"noise_scale": 0}, "tac: parameter noise_scale must be a number > 0"),
     ({"noise_beta": -1}, "tac: parameter noise_beta must be a number >= 0 (or null: beta)"),
     ({"head_shift": -0.1}, "tac: parameter head_shift must be a number >= 0 (0: off)"),
     ({"head_shift_rows": "p"}, "tac: parameter head_shift_rows must be one of targets, all, got 'p'"),

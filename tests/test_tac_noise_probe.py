@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import latentguard.defenses.tac as tac
 from latentguard.data import Images
 from latentguard.defenses import make_defense
 from latentguard.defenses.base import DetectionReport
@@ -204,6 +205,26 @@ def test_noise_beta_weighs_the_noise_terms_apart_from_beta(beta, noise_beta, noi
                           noise_beta=noise_beta).run(spy, images, device="cpu")
     assert result.extra["noise_unlearn"] == [{"sigma": 0.1, "grid": 0}]
     assert result.model.noisy_training_batches == (len(images) // 40 if noisy else 0)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_noise_scale_sets_the_noise_terms_sigma(scale, monkeypatch):
+    """The removal's noisy copies carry noise_scale × the flagging probe's σ (0.1 here); detection keeps its σ."""
+    images = _images(n_per_class=20)
+    monkeypatch.setattr(tac, "probe_noise", lambda x, grid: torch.ones_like(x))  # a flat +1 field: shift = σ_term
+    shifts = []
+
+    class Spy(_NoiseKeyed):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                shifts.append(float(x.max()))
+            return super().forward(x)
+
+    model = Spy(key=0.5).eval()
+    make_defense("tac", noise_unlearn=True, smooth_probe=0.0, epochs=1, batch_size=40, noise_scale=scale,
+                 head_shift=0.0).run(model, images, device="cpu")
+    # clean batches peak at ≤ 210/255; noisy ones at 210/255 + σ_term (clamped at 1)
+    assert max(shifts) == pytest.approx(min(1.0, 210 / 255 + scale * 0.1), abs=0.02)
 
 
 def test_fire_detection_uses_the_probe_unless_switched_off():
