@@ -6,12 +6,15 @@ attack's learned tensors) is kept in a cache directory so a study can be re-rend
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from markdown_out import write_keeping_reading
 
 from latentguard.api import defend
 from latentguard.attacks import AttackContext, make_attack
@@ -101,3 +104,20 @@ def run_removals(cache: Path, attacks: tuple[tuple[str, dict], ...], seeds: tupl
                 print(f"{attack} {seed} {label}: ACC {100 * ev.acc:.1f} ASR {100 * ev.asr:.1f} "
                       f"target-class ACC {100 * ev.class_acc[target]:.1f}", flush=True)
     return list(done.values())
+
+
+def removal_study_main(doc: str, name: str, title: str, intro: str, configs: dict[str, dict],
+                       run: Callable[[Path, int], list[dict]], table: Callable[[list[dict]], str]) -> None:
+    """The command line of a digits removal study ``benchmarks/{name}.py``: run (or resume) it into its cache, then
+    write ``benchmarks/{name}.md`` (title, intro, table, mean seconds per config), keeping the hand-written reading."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--cache", type=Path, default=Path(f"runs/{name}"))
+    ap.add_argument("--out", type=Path, default=Path(f"benchmarks/{name}.md"))
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    records = run(args.cache, args.threads)
+    seconds = {label: np.mean([r["seconds"] for r in records if r["config"] == label]) for label in configs}
+    text = [f"# {title}", "", intro, "", table(records), "",
+            "Mean seconds per removal: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".", ""]
+    print(write_keeping_reading(args.out, "\n".join(text)))

@@ -14,11 +14,10 @@ latent) or ``block2``, at flip rates 0.9 and 0.5. Records are appended to a JSON
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
-from digits_dev import PAPER_REMOVAL, run_removals
+from digits_dev import PAPER_REMOVAL, removal_study_main, run_removals
 
 ATTACKS = (("badnets", {}), ("blend", {}), ("wanet", {"s": 3.0}))
 SEEDS = (60, 61, 62)
@@ -54,28 +53,12 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, default=Path("runs/tac_deep_digits"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/tac_deep_digits.md"))
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    records = run(args.cache, args.threads)
-    seconds = {label: np.mean([r["seconds"] for r in records if r["config"] == label]) for label in CONFIGS}
-    text = [
-        "# Deep TAC removal on digits development models",
-        "",
+    removal_study_main(
+        __doc__, "tac_deep_digits", "Deep TAC removal on digits development models",
         "Produced by `python benchmarks/tac_deep_digits.py` (see its docstring: small_cnn, 30 epochs, seeds 60–62, "
         "target 0 given, 130-image reserve, 1 CPU thread). Cells: mean ACC / ASR % after removal over the three "
         "seeds, then per seed ACC/ASR.",
-        "",
-        table(records),
-        "",
-        "Mean seconds per removal: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
-        "",
-    ]
-    args.out.write_text("\n".join(text))
-    print(args.out.read_text())
+        CONFIGS, run, table)
 
 
 if __name__ == "__main__":

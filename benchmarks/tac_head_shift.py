@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from markdown_out import write_keeping_reading
 from tac_target_class import cells
 
 MODELS = {  # directory prefix: (label, how it was built)
@@ -51,7 +52,6 @@ SETTINGS = {  # directory suffix: (label, parameters as given to bench)
     "hs_tgt05_b1": ("head_shift 0.5, target row, with the s_p term",
                     '{"tac": {"head_shift": 0.5, "head_shift_rows": "targets"}}'),
 }
-READING = "## Reading"
 # runs measured earlier with the same builds and settings, read where they are rather than copied
 EARLIER = {("badnets_s1", "defaults"): "tac_target_class/seed1_tw1", ("badnets_s2", "defaults"): "tac_target_class/seed2_tw1",
            ("trojannn_s1", "defaults"): "tac_new_builds/trojannn_seed1_target_given"}
@@ -74,7 +74,7 @@ def table(results: Path) -> str:
     head = "| setting | " + " | ".join(f"{MODELS[m][0]}: ACC | ASR | target class | others' Δ" for m in models) + " |"
     lines = [head, "|---|" + "---|---|---|---|" * len(models)]
     firsts = [next((r for s in SETTINGS if (r := row_of(results, m, s)) is not None), None) for m in models]
-    base = ["– | – | – | – |" if r is None or r.get("target") is None else
+    base = ["– | – | – | – |" if r is None else
             f"{100 * r['acc_before']:.1f} | {100 * r['asr_before']:.1f} | "
             f"{100 * r['class_acc_before'][r['target']]:.1f} | |" for r in firsts]
     lines.append("| undefended | " + " ".join(base))
@@ -82,13 +82,8 @@ def table(results: Path) -> str:
         rows = [row_of(results, m, key) for m in models]
         if all(r is None for r in rows):
             continue
-        lines.append(f"| {label} | " + " ".join(cells(r) if r is None or r.get("target") is not None else
-                                                  _cells_without_class(r) for r in rows))
+        lines.append(f"| {label} | " + " ".join(cells(r) for r in rows))
     return "\n".join(lines)
-
-
-def _cells_without_class(r: dict) -> str:
-    return f"{100 * r['acc']:.1f} | {100 * r['asr']:.1f}{' (goal)' if _goal(r) else ''} | – | – |"
 
 
 def _goal(r: dict) -> bool:
@@ -143,9 +138,6 @@ def main() -> None:
     ap.add_argument("--zoo-paper", type=Path, default=Path("benchmarks/results/tac_head_shift_zoo_paper"),
                     help="bench directory of the zoo run with the paper's removal")
     args = ap.parse_args()
-    reading = ""
-    if args.out.is_file() and READING in args.out.read_text():
-        reading = READING + args.out.read_text().split(READING, 1)[1]
     builds = "; ".join(f"{label}: {how}" for label, how in MODELS.values())
     params = "; ".join(f"{label}: `{p}`" for label, p in SETTINGS.values())
     text = [
@@ -174,8 +166,7 @@ def main() -> None:
         zoo_table(args.zoo, args.zoo_paper, args.zoo_rerun),
         "",
     ]
-    args.out.write_text("\n".join(text) + ("\n" + reading if reading else ""))
-    print(args.out.read_text())
+    print(write_keeping_reading(args.out, "\n".join(text)))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,10 @@ mean. Records are appended to a JSONL cache, so a rerun resumes.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
-from digits_dev import PAPER_REMOVAL, run_removals
+from digits_dev import PAPER_REMOVAL, removal_study_main, run_removals
 
 ATTACKS = (("badnets", {}), ("blend", {}), ("wanet", {"s": 3.0}))
 SEEDS = (70, 71, 72)
@@ -71,30 +70,12 @@ def table(records: list[dict]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", type=Path, default=Path("runs/tac_protect_digits"))
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/tac_protect_digits.md"))
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args()
-    args.cache.mkdir(parents=True, exist_ok=True)
-    records = run(args.cache, args.threads)
-    seconds = {label: np.mean([r["seconds"] for r in records if r["config"] == label]) for label in CONFIGS}
-    text = [
-        "# Sparing the target class in TAC removal: digits development models",
-        "",
+    removal_study_main(
+        __doc__, "tac_protect_digits", "Sparing the target class in TAC removal: digits development models",
         "Produced by `python benchmarks/tac_protect_digits.py` (see its docstring: small_cnn, 30 epochs, seeds 70–72, "
         "target 0 given, 130-image reserve, 1 CPU thread). Means over the three seeds, in %; the last column gives "
         "each seed's ACC / ASR / target-class ACC.",
-        "",
-        table(records),
-        "",
-        "Mean seconds per removal: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()) + ".",
-        "",
-    ]
-    old = args.out.read_text() if args.out.is_file() else ""
-    reading = old[old.index("## Reading"):] if "## Reading" in old else ""  # hand-written: kept
-    args.out.write_text("\n".join(text) + ("\n" + reading if reading else ""))
-    print(args.out.read_text())
+        CONFIGS, run, table)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
+from markdown_out import write_keeping_reading
+
 SETTINGS = {  # directory suffix: (label, TAC parameters as given to bench)
     "tw1": ("defaults", "{}"),
     "tw2": ("target_weight 2", '{"target_weight": 2}'),
@@ -29,7 +31,6 @@ SETTINGS = {  # directory suffix: (label, TAC parameters as given to bench)
     "tune_l4_deep": ("layer4 + head tuned, deep", '{"tune_layers": ["layer4"], "deep_layer": "layer4.0"}'),
 }
 SEEDS = (1, 2)
-READING = "## Reading"
 
 
 def row_of(results: Path, seed: int, key: str) -> dict | None:
@@ -66,9 +67,6 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/tac_target_class"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/tac_target_class.md"))
     args = ap.parse_args()
-    reading = ""
-    if args.out.is_file() and READING in args.out.read_text():
-        reading = READING + args.out.read_text().split(READING, 1)[1]
     params = "; ".join(f"{label}: `{p}`" for label, p in SETTINGS.values())
     text = [
         "# TAC removal and the target class (CIFAR-10 BadNets, two new builds)",
@@ -85,8 +83,7 @@ def main() -> None:
         table(args.results),
         "",
     ]
-    args.out.write_text("\n".join(text) + ("\n" + reading if reading else ""))
-    print(args.out.read_text())
+    print(write_keeping_reading(args.out, "\n".join(text)))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -595,7 +595,9 @@ class TAC(Defense):
         deep = _DeepTerms(model, clean, targets, p, device, seed) if p.deep_layer is not None else None
         if deep is not None:
             extra["deep"] = deep.summary()
-        shift = _HeadShift(fm.head, targets, p, seed, extra.get("pruned_units", [])) if p.head_shift > 0 and p.epochs > 0 else None
+        shift = None
+        if p.head_shift > 0 and p.epochs > 0:  # with no epoch to train them, redrawn rows would only break the head
+            shift = _HeadShift(fm.head, targets, p, seed, extra.get("pruned_units", []))
 
         deep_beta = p.beta if p.deep_beta is None else p.deep_beta
         noise_beta = p.beta if p.noise_beta is None else p.noise_beta
@@ -653,26 +655,26 @@ class _HeadShift:
     Built after s_p and δ_p are found, so both come from the given head."""
 
     def __init__(self, head: nn.Linear, targets: list[int], p: TACParams, seed: int,
-                 pruned_units: list[int] = ()) -> None:
+                 pruned_units: Sequence[int] = ()) -> None:
         self.head, self.alpha = head, float(p.head_shift)
         self.rows = None if p.head_shift_rows == "all" else sorted(set(targets))
-        self.original = head.weight.detach().clone()
-        keep = slice(None) if self.rows is None else self.rows
-        self.mask = torch.zeros_like(self.original)
-        self.mask[keep] = 1.0
-        radius = float(self.original.norm()) if self.rows is None else [float(self.original[r].norm()) for r in self.rows]
+        original = head.weight.detach().clone()
+        self.mask = torch.zeros_like(original)
+        self.mask[slice(None) if self.rows is None else self.rows] = 1.0
+        self.original = original * self.mask  # w_ori on the shifted rows, zero elsewhere
+        radius = float(original.norm()) if self.rows is None else [float(original[r].norm()) for r in self.rows]
         reinitialise_head(head, torch.Generator().manual_seed(seed), rows=self.rows)
         with torch.no_grad():
             head.weight[:, list(pruned_units)] = 0.0  # pruned stays pruned (the column mask keeps it so)
         self.projection = NormProjection(head.weight, radius, rows=self.rows)
 
     def penalty(self) -> torch.Tensor:
-        return self.alpha * (self.head.weight * self.original * self.mask).sum()
+        return self.alpha * (self.head.weight * self.original).sum()
 
     def summary(self) -> dict:
         with torch.no_grad():
             w = self.head.weight * self.mask
-            cosine = float(F.cosine_similarity(w.flatten(), (self.original * self.mask).flatten(), dim=0))
+            cosine = float(F.cosine_similarity(w.flatten(), self.original.flatten(), dim=0))
         return {"alpha": self.alpha, "rows": "all" if self.rows is None else self.rows, "cosine_to_original": cosine}
 
 
