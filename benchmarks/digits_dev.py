@@ -60,9 +60,9 @@ def dev_model(splits, attack_name: str, seed: int, params: dict, cache: Path, *,
     return model.eval(), attack
 
 
-# the paper's removal (the s_p term, no feature shift of the head): TAC's default before the head shift; the studies
+# the paper's removal (the s_p term, no feature shift of the head, no distillation): TAC's default before the head shift; the studies
 # run on top of it name it, so they keep measuring what their documents report
-PAPER_REMOVAL = {"beta": 1.0, "head_shift": 0.0}
+PAPER_REMOVAL = {"beta": 1.0, "head_shift": 0.0, "distill": 0.0}
 
 
 def run_removals(cache: Path, attacks: tuple[tuple[str, dict], ...], seeds: tuple[int, ...],

@@ -57,10 +57,12 @@ EARLIER = {("badnets_s1", "defaults"): "tac_target_class/seed1_tw1", ("badnets_s
            ("trojannn_s1", "defaults"): "tac_new_builds/trojannn_seed1_target_given"}
 
 
-def row_of(results: Path, model: str, setting: str) -> dict | None:
+def row_of(results: Path, model: str, setting: str, earlier: dict | None = None) -> dict | None:
+    """The first record of ``results/{model}_{setting}``, or of the run ``earlier`` names for that pair."""
+    earlier = EARLIER if earlier is None else earlier
     path = results / f"{model}_{setting}" / "results.jsonl"
-    if not path.is_file() and (model, setting) in EARLIER:
-        path = results.parent / EARLIER[model, setting] / "results.jsonl"
+    if not path.is_file() and (model, setting) in earlier:
+        path = results.parent / earlier[model, setting] / "results.jsonl"
     if not path.is_file():
         return None
     row = next(json.loads(line) for line in path.read_text().splitlines() if line.strip())
@@ -69,17 +71,20 @@ def row_of(results: Path, model: str, setting: str) -> dict | None:
     return row
 
 
-def table(results: Path) -> str:
-    models = list(MODELS)
-    head = "| setting | " + " | ".join(f"{MODELS[m][0]}: ACC | ASR | target class | others' Δ" for m in models) + " |"
-    lines = [head, "|---|" + "---|---|---|---|" * len(models)]
-    firsts = [next((r for s in SETTINGS if (r := row_of(results, m, s)) is not None), None) for m in models]
+def table(results: Path, models: dict | None = None, settings: dict | None = None, earlier: dict | None = None) -> str:
+    """One row per setting, four columns per build (ACC, ASR, target class ACC, others' mean Δ); settings with no
+    run on any build are left out."""
+    models, settings = models or MODELS, settings or SETTINGS
+    names = list(models)
+    head = "| setting | " + " | ".join(f"{models[m][0]}: ACC | ASR | target class | others' Δ" for m in names) + " |"
+    lines = [head, "|---|" + "---|---|---|---|" * len(names)]
+    firsts = [next((r for s in settings if (r := row_of(results, m, s, earlier)) is not None), None) for m in names]
     base = ["– | – | – | – |" if r is None else
             f"{100 * r['acc_before']:.1f} | {100 * r['asr_before']:.1f} | "
             f"{100 * r['class_acc_before'][r['target']]:.1f} | |" for r in firsts]
     lines.append("| undefended | " + " ".join(base))
-    for key, (label, _) in SETTINGS.items():
-        rows = [row_of(results, m, key) for m in models]
+    for key, (label, _) in settings.items():
+        rows = [row_of(results, m, key, earlier) for m in names]
         if all(r is None for r in rows):
             continue
         lines.append(f"| {label} | " + " ".join(cells(r) for r in rows))

@@ -35,7 +35,8 @@ CONFIGS = {  # label: TAC parameters (besides targets=[0])
     "spare_class_mean": {**PAPER_REMOVAL, "spare_class_mean": True},
     "spare + weight 2": {**PAPER_REMOVAL, "spare_class_mean": True, "target_weight": 2.0},
     "target_anchor": {**PAPER_REMOVAL, "target_anchor": True},
-    "head_shift 0.5, target row, β 0 (the default now)": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0.0},
+    "head_shift 0.5, target row, β 0 (the default now)": {"head_shift": 0.5, "head_shift_rows": "targets", "beta": 0.0,
+                                                          "distill": 0.0},
 }
 
 

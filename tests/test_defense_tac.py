@@ -33,7 +33,7 @@ from latentguard.workflows import _with_head
 
 FIXTURE = Path(__file__).parent / "fixtures" / "user_model.py"
 FAST = dict(epochs=2, batch_size=64)  # enough to see that a parameter acts, not to remove the backdoor
-PAPER = dict(beta=1.0, head_shift=0.0)  # the paper's removal: the s_p term, no feature shift of the head
+PAPER = dict(beta=1.0, head_shift=0.0, distill=0.0)  # the paper's removal: the s_p term alone
 
 
 @pytest.fixture(scope="module")
@@ -416,6 +416,63 @@ def test_head_shift_penalty_is_alpha_times_the_inner_product_with_the_original_r
     assert float(head.weight[1].detach().norm()) == pytest.approx(2.0) and torch.equal(head.weight[0], torch.tensor([1.0, 0, 0]))
 
 
+def test_kept_class_distillation_ignores_the_flagged_columns_and_matches_hinton_kd():
+    teacher = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 1.0, 0.0, -2.0]])
+    kept = torch.tensor([0, 1, 2])
+    moved_flagged = teacher.clone()
+    moved_flagged[:, 3] = -50.0  # only the flagged column 3 differs: no loss
+    assert float(tac.kept_class_distillation(moved_flagged, teacher, kept, 2.0)) == pytest.approx(0.0, abs=1e-7)
+    student = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, -1.0, 2.0, 0.0]])
+    t = (teacher[:, :3] / 2).softmax(1)
+    s = (student[:, :3] / 2).softmax(1)
+    expected = 4.0 * float((t * (t.log() - s.log())).sum(1).mean())  # T² · KL(t ‖ s), batch mean
+    assert float(tac.kept_class_distillation(student, teacher, kept, 2.0)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_distill_is_on_by_default_over_the_classes_not_flagged(backdoored, monkeypatch):
+    seen = []
+    real = tac.kept_class_distillation
+    monkeypatch.setattr(tac, "kept_class_distillation", lambda s, t, k, temp: seen.append((t, k, temp)) or real(s, t, k, temp))
+    kw = dict(epochs=1, batch_size=65, targets=[TARGET])
+    result = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert len(seen) == 2 and all(k.tolist() == [c for c in range(10) if c != TARGET] and temp == 2.0 for _, k, temp in seen)
+    assert max_param_change(result.model, backdoored.model) > 0
+    seen.clear()
+    make_defense("tac", distill=0.0, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert seen == []
+
+
+def test_distill_keeps_the_other_classes_closer_to_the_given_model(backdoored):
+    # two even batches: a ragged 2-image batch in train mode swings the student's logits far from the teacher's
+    kw = dict(epochs=2, batch_size=65, targets=[TARGET], head_shift=0.0)
+    x = torch.as_tensor(backdoored.reserve.x).permute(0, 3, 1, 2).float() / 255
+    others = [k for k in range(10) if k != TARGET]
+
+    def drift(model: nn.Module) -> float:
+        with torch.no_grad():
+            before = backdoored.model.eval()(x)[:, others].log_softmax(1)
+            after = model.eval()(x)[:, others].log_softmax(1)
+        return float((before.exp() * (before - after)).sum(1).mean())
+
+    plain = make_defense("tac", distill=0.0, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    kept = make_defense("tac", distill=3.0, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert drift(kept.model) < 0.5 * drift(plain.model)
+
+
+def test_refusal_loss_is_minus_log_of_the_mass_off_the_flagged_classes():
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, 0.0, 3.0], [0.0, 4.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 2, 1])
+    loss = tac.refusal_loss(logits, y, [1])  # the sample of class 1 is left out
+    probs = logits.detach().softmax(1)
+    assert float(loss) == pytest.approx(float(-(1 - probs[:2, 1]).log().mean()), rel=1e-6)
+    loss.backward()
+    assert (logits.grad[:2, 1] > 0).all() and (logits.grad[:2, [0, 2]] < 0).all()  # descent lowers p, raises others
+    assert torch.equal(logits.grad[2], torch.zeros(3))
+    two = tac.refusal_loss(logits.detach(), y, [1, 2])  # several flagged classes: their mass together
+    assert float(two) == pytest.approx(float(-(probs[0, 0]).log()), rel=1e-6)
+    assert float(tac.refusal_loss(logits.detach(), torch.tensor([1, 1, 1]), [1])) == 0.0
+
+
 def test_zero_epochs_leave_the_weights_equal(backdoored):
     result = make_defense("tac", epochs=0).run(backdoored.model, backdoored.reserve, device="cpu")
     assert result.extra["targets"] == [TARGET] and result.extra["history"]["epochs"] == []
@@ -457,6 +514,8 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"noise_beta": -1}, "tac: parameter noise_beta must be a number >= 0 (or null: beta)"),
     ({"head_shift": -0.1}, "tac: parameter head_shift must be a number >= 0 (0: off)"),
     ({"head_shift_rows": "p"}, "tac: parameter head_shift_rows must be one of targets, all, got 'p'"),
+    ({"noise_loss": "kl"}, "tac: parameter noise_loss must be one of label, refuse, got 'kl'"),
+    ({"distill": -1}, "tac: parameter distill must be a number >= 0 (0: off)"),
     ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),
     ({"targets": [-1]}, "tac: parameter targets must be a list of class indices"),
     ({"detect_only": "yes"}, "tac: parameter detect_only must be true or false"),

@@ -102,7 +102,7 @@ def runs(backdoored):
     """The paper's TAC removal (β = 1, no head shift) with the target given, with and without the deep term (same
     seed, default 10 epochs)."""
     before = state_copy(backdoored.model)
-    common = dict(targets=[TARGET], batch_size=64, beta=1.0, head_shift=0.0)
+    common = dict(targets=[TARGET], batch_size=64, beta=1.0, head_shift=0.0, distill=0.0)
     plain = make_defense("tac", **common).run(backdoored.model, backdoored.reserve, device="cpu", seed=0)
     deep = make_defense("tac", deep_layer="block3", **common).run(backdoored.model, backdoored.reserve,
                                                                   device="cpu", seed=0)

@@ -227,6 +227,18 @@ def test_noise_scale_sets_the_noise_terms_sigma(scale, monkeypatch):
     assert max(shifts) == pytest.approx(min(1.0, 210 / 255 + scale * 0.1), abs=0.02)
 
 
+@pytest.mark.parametrize("noise_loss", ["label", "refuse"])
+def test_noise_loss_chooses_what_the_noisy_copies_are_fitted_to(noise_loss, monkeypatch):
+    images = _images(n_per_class=20)
+    calls = []
+    real = tac.refusal_loss
+    monkeypatch.setattr(tac, "refusal_loss", lambda lo, y, t: calls.append(list(t)) or real(lo, y, t))
+    result = make_defense("tac", noise_unlearn=True, smooth_probe=0.0, epochs=1, batch_size=40,
+                          noise_loss=noise_loss).run(_NoiseKeyed(key=0.5).eval(), images, device="cpu")
+    assert result.extra["noise_unlearn"] == [{"sigma": 0.1, "grid": 0}]
+    assert calls == ([[0]] * (len(images) // 40) if noise_loss == "refuse" else [])
+
+
 def test_fire_detection_uses_the_probe_unless_switched_off():
     from latentguard.defenses.fire import repair
 
