@@ -24,6 +24,8 @@ MODELS = {  # directory prefix: (label, how it was built)
     "blend_s1": ("Blend seed 1", "`zoo build --attacks blend --seed 1`"),
     "trojannn_s1": ("TrojanNN seed 1, target given", "`zoo build --attacks trojannn --seed 1`; detection misses it, "
                     "so these runs name the target (`targets: [0]`) and no noise term runs"),
+    "trojannn_s1_t21": ("TrojanNN seed 1, α 2.1", "the same build, judged at α = 2.1 (clean index 3.80, probe "
+                        "index 2.17: only class 0 is flagged) so that the noise term can be switched on; not a default"),
     "badnets_s2": ("BadNets seed 2 (check)", "`zoo build --attacks badnets --seed 2`"),
     "blend_s2": ("Blend seed 2 (check)", "`zoo build --attacks blend --seed 2 --skip-clean`"),
 }
@@ -34,6 +36,8 @@ SETTINGS = {  # directory suffix: (label, parameters as given to bench)
     "kd3": ("distill λ 3", '{"tac": {"distill": 3}}'),
     "refuse": ("noise_loss refuse, λ 0", '{"tac": {"noise_loss": "refuse", "distill": 0}}'),
     "refuse_kd1": ("noise_loss refuse, λ 1", '{"tac": {"noise_loss": "refuse", "distill": 1}}'),
+    "noise": ("λ 1, noise term on", '{"tac": {"threshold": 2.1, "noise_unlearn": "always"}}'),
+    "nonoise": ("λ 1, noise term off", '{"tac": {"threshold": 2.1, "noise_unlearn": "never"}}'),
 }
 # the previous defaults' runs, measured for tac_head_shift.md with the same builds and code path (λ 0 adds nothing)
 EARLIER = {("badnets_s1", "kd0"): "tac_head_shift/badnets_s1_hs_tgt05_b0",
