@@ -28,6 +28,9 @@ MODELS = {  # directory prefix: (label, how it was built)
                         "index 2.17: only class 0 is flagged) so that the noise term can be switched on; not a default"),
     "badnets_s2": ("BadNets seed 2 (check)", "`zoo build --attacks badnets --seed 2`"),
     "blend_s2": ("Blend seed 2 (check)", "`zoo build --attacks blend --seed 2 --skip-clean`"),
+    "trojannn_s2": ("TrojanNN seed 2 (check, built after the choice)",
+                    "`zoo build --attacks trojannn --seed 2` (with its clean seed-2 model, which TAC does not flag: "
+                    "`clean_s2_detect`); detection names its target (clean verdict 4.17), the probe does not"),
 }
 SETTINGS = {  # directory suffix: (label, parameters as given to bench)
     "kd0": ("λ 0: the previous defaults (head shift, noise term)", '{"tac": {"distill": 0}}'),
@@ -36,6 +39,8 @@ SETTINGS = {  # directory suffix: (label, parameters as given to bench)
     "kd3": ("distill λ 3", '{"tac": {"distill": 3}}'),
     "refuse": ("noise_loss refuse, λ 0", '{"tac": {"noise_loss": "refuse", "distill": 0}}'),
     "refuse_kd1": ("noise_loss refuse, λ 1", '{"tac": {"noise_loss": "refuse", "distill": 1}}'),
+    "paper": ("the paper's removal", '{"tac": {"beta": 1, "head_shift": 0, "distill": 0}}'),
+    "hs1": ("λ 1, head_shift 1.0", '{"tac": {"head_shift": 1.0}}'),
     "noise": ("λ 1, noise term on", '{"tac": {"threshold": 2.1, "noise_unlearn": "always"}}'),
     "nonoise": ("λ 1, noise term off", '{"tac": {"threshold": 2.1, "noise_unlearn": "never"}}'),
 }
