@@ -41,6 +41,8 @@ SETTINGS = {  # directory suffix: (label, parameters as given to bench)
     "refuse_kd1": ("noise_loss refuse, λ 1", '{"tac": {"noise_loss": "refuse", "distill": 1}}'),
     "paper": ("the paper's removal", '{"tac": {"beta": 1, "head_shift": 0, "distill": 0}}'),
     "hs1": ("λ 1, head_shift 1.0", '{"tac": {"head_shift": 1.0}}'),
+    "b1": ("λ 1 with the s_p term (β 1)", '{"tac": {"beta": 1}}'),
+    "deep": ("λ 1 with deep TAC at layer4.0", '{"tac": {"deep_layer": "layer4.0"}}'),
     "noise": ("λ 1, noise term on", '{"tac": {"threshold": 2.1, "noise_unlearn": "always"}}'),
     "nonoise": ("λ 1, noise term off", '{"tac": {"threshold": 2.1, "noise_unlearn": "never"}}'),
 }
