@@ -442,6 +442,17 @@ def test_distill_is_on_by_default_over_the_classes_not_flagged(backdoored, monke
     assert seen == []
 
 
+def test_the_distillation_teacher_is_the_model_as_given_even_when_pruned(backdoored, monkeypatch):
+    teachers = []
+    real = tac._frozen_copy
+    monkeypatch.setattr(tac, "_frozen_copy", lambda m: teachers.append(real(m)) or teachers[-1])
+    result = make_defense("tac", strategy="prune", epochs=1, batch_size=65, targets=[TARGET]).run(
+        backdoored.model, backdoored.reserve, device="cpu")
+    assert result.extra["pruned_units"] and len(teachers) == 1
+    assert_state_equal(teachers[0], backdoored.model)  # not the pruned head, not the redrawn row
+    assert not any(q.requires_grad for q in teachers[0].parameters()) and not teachers[0].training
+
+
 def test_distill_keeps_the_other_classes_closer_to_the_given_model(backdoored):
     # two even batches: a ragged 2-image batch in train mode swings the student's logits far from the teacher's
     kw = dict(epochs=2, batch_size=65, targets=[TARGET], head_shift=0.0)

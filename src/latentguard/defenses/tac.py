@@ -613,6 +613,8 @@ class TAC(Defense):
             reason = "detect_only" if p.detect_only else "no class flagged: model returned unchanged"
             return self._result(model, detection=report, extra={"removal": reason})
         fm = feature_model(model, clean, device, p.head)
+        # the distillation teacher is the model as given: copied before pruning, deep-term hooks or the head shift
+        teacher = _frozen_copy(fm.model) if p.distill > 0 else None
         # classes the user names are unlearned to the end: the early stop is for detected outliers
         stop_ratio = p.stop_ratio if p.targets is None else 0.0
         state = _Perturbations(fm, clean, targets, device, p.quantile, stop_ratio, p.surrogate, p.spare_class_mean)
@@ -626,14 +628,13 @@ class TAC(Defense):
         deep = _DeepTerms(model, clean, targets, p, device, seed) if p.deep_layer is not None else None
         if deep is not None:
             extra["deep"] = deep.summary()
-        teacher = _frozen_copy(fm.model) if p.distill > 0 else None  # taken before the head shift redraws rows
-        kept = torch.tensor([c for c in range(clean.num_classes) if c not in targets], device=device)
         shift = None
         if p.head_shift > 0 and p.epochs > 0:  # with no epoch to train them, redrawn rows would only break the head
             shift = _HeadShift(fm.head, targets, p, seed, extra.get("pruned_units", []))
 
         deep_beta = p.beta if p.deep_beta is None else p.deep_beta
         noise_beta = p.beta if p.noise_beta is None else p.noise_beta
+        not_flagged = torch.tensor([c for c in range(clean.num_classes) if c not in targets], device=device)
         class_weight = torch.ones(clean.num_classes, device=device)
         class_weight[targets] = p.target_weight
 
@@ -656,7 +657,8 @@ class TAC(Defense):
             if teacher is not None:
                 with torch.no_grad():
                     teacher_logits = teacher(x)
-                loss = loss + p.distill * kept_class_distillation(logits, teacher_logits, kept, DISTILL_TEMPERATURE)
+                loss = loss + p.distill * kept_class_distillation(logits, teacher_logits, not_flagged,
+                                                                  DISTILL_TEMPERATURE)
             if deep is not None and deep_beta > 0:
                 loss = loss + deep_beta * deep.loss(fm, x, y)
             if shift is not None:
