@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from markdown_out import write_keeping_reading
-from tac_head_shift import _goal, table
+from tac_head_shift import table, zoo_cell
 
 MODELS = {  # directory prefix: (label, how it was built)
     "badnets_s1": ("BadNets seed 1", "`zoo build --attacks badnets --seed 1`"),
@@ -69,13 +69,6 @@ def zoo_table(new: Path, previous: list[Path]) -> str:
              "target class (previous → new) | removal seconds (previous → new) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(r: dict | None) -> str:
-        if r is None:
-            return "– | –"
-        asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
-        return (f"{100 * r['acc']:.1f} / {asr}{' (goal)' if _goal(r) else ''} | "
-                f"{round(100 * (r['acc_before'] - r['acc']), 1) + 0.0:.1f}")
-
     for key in sorted(ours, key=lambda k: (k[0], k[1] != "clean", k[1])):
         r, q = ours[key], theirs.get(key)
         asr = "–" if r["asr_before"] is None else f"{100 * r['asr_before']:.1f}"
@@ -85,7 +78,7 @@ def zoo_table(new: Path, previous: list[Path]) -> str:
             f"{100 * q['class_acc'][t]:.1f} → {100 * r['class_acc'][t]:.1f} (was {100 * r['class_acc_before'][t]:.1f})")
         seconds = "–" if q is None else f"{q['seconds']:.0f} → {r['seconds']:.0f}"
         lines.append(f"| {key[0]} | {key[1]} | {100 * r['acc_before']:.1f} / {asr} | {flagged} | "
-                     f"{cell(q if flagged != 'none' else None)} | {cell(r)} | {target} | {seconds} |")
+                     f"{zoo_cell(q if flagged != 'none' else None)} | {zoo_cell(r)} | {target} | {seconds} |")
     return "\n".join(lines)
 
 

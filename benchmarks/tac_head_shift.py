@@ -95,6 +95,15 @@ def _goal(r: dict) -> bool:
     return r["asr"] is not None and r["asr"] <= 0.03 and 100 * (r["acc_before"] - r["acc"]) <= 2 + 1e-9
 
 
+def zoo_cell(r: dict | None) -> str:
+    """Two zoo-table cells of one removal record: ACC / ASR (goal marked) and the ACC drop in points."""
+    if r is None:
+        return "– | –"
+    asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
+    return (f"{100 * r['acc']:.1f} / {asr}{' (goal)' if _goal(r) else ''} | "
+            f"{round(100 * (r['acc_before'] - r['acc']), 1) + 0.0:.1f}")
+
+
 def zoo_table(new: Path, paper: Path, rerun: Path | None = None) -> str:
     """The zoo models, the paper's removal beside this version's defaults (one bench directory each). ``rerun``: the
     cells where the noise term ran, judged again once ``noise_scale`` 0.5 became the default (the other cells do
@@ -112,13 +121,6 @@ def zoo_table(new: Path, paper: Path, rerun: Path | None = None) -> str:
     lines = ["| dataset | attack | undefended | flagged | paper's removal | drop | new defaults | drop | target class "
              "(paper → new) | noise σ × 1 |", "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def cell(r: dict | None) -> str:
-        if r is None:
-            return "– | –"
-        asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
-        return (f"{100 * r['acc']:.1f} / {asr}{' (goal)' if _goal(r) else ''} | "
-                f"{round(100 * (r['acc_before'] - r['acc']), 1) + 0.0:.1f}")
-
     for key in sorted(ours, key=lambda k: (k[0], k[1] != "clean", k[1])):
         r, q = ours[key], theirs.get(key)
         asr = "–" if r["asr_before"] is None else f"{100 * r['asr_before']:.1f}"
@@ -127,8 +129,8 @@ def zoo_table(new: Path, paper: Path, rerun: Path | None = None) -> str:
         target = "–" if t is None or q is None else (f"{100 * q['class_acc'][t]:.1f} → {100 * r['class_acc'][t]:.1f} "
                                                     f"(was {100 * r['class_acc_before'][t]:.1f})")
         lines.append(f"| {key[0]} | {key[1]} | {100 * r['acc_before']:.1f} / {asr} | "
-                     f"{', '.join(map(str, flagged)) or 'none'} | {cell(q)} | {cell(r)} | {target} | "
-                     f"{'same' if first[key] is r else cell(first[key]).replace(' | ', ', drop ')} |")
+                     f"{', '.join(map(str, flagged)) or 'none'} | {zoo_cell(q)} | {zoo_cell(r)} | {target} | "
+                     f"{'same' if first[key] is r else zoo_cell(first[key]).replace(' | ', ', drop ')} |")
     return "\n".join(lines)
 
 
