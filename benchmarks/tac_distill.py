@@ -53,9 +53,10 @@ EARLIER = {("badnets_s1", "kd0"): "tac_head_shift/badnets_s1_hs_tgt05_b0",
            ("badnets_s2", "kd0"): "tac_head_shift/badnets_s2_hs_tgt05_b0"}
 
 
-def zoo_table(new: Path, previous: list[Path]) -> str:
-    """The zoo models: the previous defaults (the head-shift zoo run, its noise-term cells judged again at σ × 0.5)
-    beside this version's defaults (one bench directory, or one per cell)."""
+def zoo_table(new: Path, previous: list[Path], new_label: str = "λ = 1 (new defaults)") -> str:
+    """The zoo models: the previous defaults (e.g. the head-shift zoo run, its noise-term cells judged again at
+    σ × 0.5; later directories override earlier cells) beside this version's defaults (one bench directory, or one
+    per cell), whose column is headed ``new_label``."""
     def rows(paths: list[Path]) -> dict:
         out: dict = {}
         for path in paths:
@@ -65,7 +66,7 @@ def zoo_table(new: Path, previous: list[Path]) -> str:
         return out
 
     ours, theirs = rows([new]), rows(previous)
-    lines = ["| dataset | attack | undefended | flagged | previous defaults | drop | λ = 1 (new defaults) | drop | "
+    lines = [f"| dataset | attack | undefended | flagged | previous defaults | drop | {new_label} | drop | "
              "target class (previous → new) | removal seconds (previous → new) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 

@@ -21,8 +21,10 @@ from _defense_util import (
     clean_digits,
     forbid_test_data,
     max_param_change,
+    noise_images,
     rows_subset,
     state_copy,
+    tiny_mlp,
 )
 from latentguard.data import Images
 from latentguard.defenses import DEFENSES, fire, make_defense
@@ -385,7 +387,7 @@ def test_target_weight_raises_the_flagged_class_clean_term(backdoored, monkeypat
 def test_head_shift_draws_the_rows_again_pushes_them_off_the_original_and_keeps_their_norm(backdoored, rows):
     kw = dict(epochs=1, batch_size=64, targets=[TARGET])
     w0 = backdoored.model.fc.weight.detach().clone()
-    shifted = make_defense("tac", head_shift=0.2, head_shift_rows=rows, **kw).run(
+    shifted = make_defense("tac", head_shift=0.2, head_shift_rows=rows, redraw_others=False, **kw).run(
         backdoored.model, backdoored.reserve, device="cpu")
     plain = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     w = shifted.model.fc.weight.detach()
@@ -407,13 +409,57 @@ def test_head_shift_penalty_is_alpha_times_the_inner_product_with_the_original_r
     head = nn.Linear(3, 2)
     with torch.no_grad():
         head.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]))
-    shift = tac._HeadShift(head, [1], TACParams(head_shift=0.5, head_shift_rows="targets"), seed=0)
+    shift = tac._HeadShift(head, [1], TACParams(head_shift=0.5, head_shift_rows="targets", redraw_others=False), seed=0)
     assert torch.equal(head.weight[0], torch.tensor([1.0, 0.0, 0.0]))  # row 0 is not a target: untouched
     with torch.no_grad():
         head.weight[1] = torch.tensor([0.0, 3.0, 4.0])
     assert float(shift.penalty().detach()) == pytest.approx(0.5 * 6.0)  # only row 1 counts: ⟨(0, 3, 4), (0, 2, 0)⟩ = 6
     shift.projection.step()
     assert float(head.weight[1].detach().norm()) == pytest.approx(2.0) and torch.equal(head.weight[0], torch.tensor([1.0, 0, 0]))
+
+
+def test_redraw_others_draws_every_row_again_but_shifts_and_rescales_only_the_flagged_ones():
+    torch.manual_seed(0)
+    head = nn.Linear(16, 4)
+    w0 = head.weight.detach().clone() * 10  # far outside the redraw's U(−1/4, 1/4)
+    with torch.no_grad():
+        head.weight.copy_(w0)
+    shift = tac._HeadShift(head, [1], TACParams(head_shift=0.5, redraw_others=True), seed=0)
+    w = head.weight.detach()
+    assert w.abs().max() <= 0.25 and not torch.equal(w[0], w0[0])  # every row drawn again
+    assert shift.summary()["redrawn"] == "all" and shift.summary()["rows"] == [1]
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    expected = 0.5 * float((head.weight.detach()[1] * w0[1]).sum())  # the penalty reads row 1 alone
+    assert float(shift.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    before = head.weight.detach().clone()
+    shift.projection.step()
+    assert float(head.weight.detach()[1].norm()) == pytest.approx(float(w0[1].norm()), rel=1e-5)  # row 1 back to its norm
+    assert torch.equal(head.weight[[0, 2, 3]], before[[0, 2, 3]])  # the other rows keep whatever norm they learn
+    kept = tac._HeadShift(nn.Linear(16, 4), [1], TACParams(head_shift=0.5, redraw_others=False), seed=0)
+    assert kept.summary()["redrawn"] == "shifted"
+
+
+@pytest.mark.parametrize("redraw", [True, False])
+def test_redraw_others_resets_the_weights_on_a_unit_the_reserve_never_drives(redraw):
+    """A latent unit no clean image activates (a direction only a trigger would use) carries weight −3 in every
+    row but the target's: fine-tuning cannot move weights the reserve gives no gradient, so only the redraw of the
+    other rows takes away the route by which that unit pushes every other class down."""
+    model = tiny_mlp()
+    dead = 5
+    with torch.no_grad():
+        model[1].weight[dead].zero_()
+        model[1].bias[dead] = -1.0  # ReLU(−1) = 0 on every input
+        model[3].weight[:, dead] = -3.0
+    reserve = noise_images(60)
+    out = make_defense("tac", targets=[TARGET], epochs=1, batch_size=30, noise_probe=0.0, redraw_others=redraw).run(
+        model, reserve, device="cpu")
+    others = out.model[3].weight.detach()[[k for k in range(10) if k != TARGET], dead]
+    if redraw:
+        assert others.abs().max() <= 0.25  # a fresh U(−1/√16, 1/√16) draw, untouched since
+    else:
+        assert others.max() < -2.9  # as given, but for weight decay
+    assert out.extra["head_shift"]["redrawn"] == ("all" if redraw else "shifted")
 
 
 def test_kept_class_distillation_ignores_the_flagged_columns_and_matches_hinton_kd():
@@ -475,7 +521,7 @@ def test_refusal_loss_is_minus_log_of_the_mass_off_the_flagged_classes():
     y = torch.tensor([0, 2, 1])
     loss = tac.refusal_loss(logits, y, [1])  # the sample of class 1 is left out
     probs = logits.detach().softmax(1)
-    assert float(loss) == pytest.approx(float(-(1 - probs[:2, 1]).log().mean()), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(-(1 - probs[:2, 1]).log().mean()), rel=1e-6)
     loss.backward()
     assert (logits.grad[:2, 1] > 0).all() and (logits.grad[:2, [0, 2]] < 0).all()  # descent lowers p, raises others
     assert torch.equal(logits.grad[2], torch.zeros(3))
@@ -525,6 +571,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"noise_beta": -1}, "tac: parameter noise_beta must be a number >= 0 (or null: beta)"),
     ({"head_shift": -0.1}, "tac: parameter head_shift must be a number >= 0 (0: off)"),
     ({"head_shift_rows": "p"}, "tac: parameter head_shift_rows must be one of targets, all, got 'p'"),
+    ({"redraw_others": "yes"}, "tac: parameter redraw_others must be true or false, got 'yes'"),
     ({"noise_loss": "kl"}, "tac: parameter noise_loss must be one of label, refuse, got 'kl'"),
     ({"distill": -1}, "tac: parameter distill must be a number >= 0 (0: off)"),
     ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),

@@ -97,9 +97,10 @@ def defend(name: str, model: nn.Module, clean, *, device: str | torch.device | N
 def remove(model: nn.Module, clean, *, device: str | torch.device | None = "auto", seed: int = 0,
            **params: Any) -> nn.Module:
     """TAC-guided backdoor removal; returns a new model of the same architecture. By default each flagged class's
-    head row is drawn again and fine-tuned away from its original (``head_shift``) while the other classes' outputs
-    are distilled from the given model (``distill``); ``beta=1, head_shift=0, distill=0`` gives the paper's
-    fine-tune that unlearns the reconstructed s_p instead."""
+    head row is drawn again and fine-tuned away from its original (``head_shift``), the other rows are drawn again
+    without that penalty (``redraw_others``) and the other classes' outputs are distilled from the given model
+    (``distill``); ``beta=1, head_shift=0, distill=0`` gives the paper's fine-tune that unlearns the reconstructed
+    s_p instead."""
     return defend("tac", model, clean, device=device, seed=seed, **params).model
 
 
