@@ -2,7 +2,8 @@
 
 TAC's removal defaults (head shift, distillation, 10 epochs, batch 128) were chosen on CIFAR-10 with a 2,500-image
 reserve: 20 steps an epoch, 200 in all. A 270-image reserve gives 3 steps an epoch, 30 in all, and on the model
-``make demo`` trains the default removal left 19 % ASR. Would more steps help? 34 and 67 epochs give the fine-tune
+``make demo`` trains the removal left 19 % ASR before ``redraw_others``; with every row redrawn, 30 steps leave
+the rows unfit. Would more steps help? 34 and 67 epochs give the fine-tune
 about 100 and 200 steps, as many as CIFAR-10's removal takes. Compared here on the digits development models of ``tac_deep_digits.md`` (seeds 60–62)
 and ``tac_protect_digits.md`` (seeds 70–72): small_cnn, 30 epochs, BadNets, Blend and WaNet into class 0, 10 %
 poisoning; the target given, a class-balanced 20 % reserve (270 images, as in the demo), 1 CPU thread. Records are
@@ -22,10 +23,12 @@ ATTACKS = (("badnets", {}), ("blend", {}), ("wanet", {"s": 3.0}))
 SEEDS = (60, 61, 62, 70, 71, 72)
 RESERVE = 0.2
 CONFIGS = {  # label: TAC parameters (besides targets=[0]); the rest are this version's defaults
-    "10 epochs (30 steps)": {},
-    "34 epochs (102 steps)": {"epochs": 34},
-    "67 epochs (201 steps)": {"epochs": 67},
-    "10 epochs, distill 0 (the previous defaults)": {"distill": 0.0},
+    "10 epochs (30 steps), min_steps 0": {"min_steps": 0},
+    "34 epochs (102 steps): the defaults (min_steps 100)": {},
+    "10 epochs, redraw_others false (the previous defaults)": {"redraw_others": False},
+    "34 epochs (102 steps), redraw_others false": {"epochs": 34, "redraw_others": False},
+    "67 epochs (201 steps), redraw_others false": {"epochs": 67, "redraw_others": False},
+    "10 epochs, distill 0, redraw_others false (two versions ago)": {"distill": 0.0, "redraw_others": False},
     "paper's removal": PAPER_REMOVAL,
 }
 

@@ -34,7 +34,7 @@ from latentguard.models import load_model
 from latentguard.workflows import _with_head
 
 FIXTURE = Path(__file__).parent / "fixtures" / "user_model.py"
-FAST = dict(epochs=2, batch_size=64)  # enough to see that a parameter acts, not to remove the backdoor
+FAST = dict(epochs=2, batch_size=64, min_steps=0)  # enough to see that a parameter acts, not to remove the backdoor
 PAPER = dict(beta=1.0, head_shift=0.0, distill=0.0)  # the paper's removal: the s_p term alone
 
 
@@ -151,7 +151,9 @@ def test_removal_uses_only_the_reserve_and_leaves_the_input_alone(wide, removal)
     assert len(calls) == 1
     data, cfg = calls[0]
     assert len(data) == len(wide.reserve) and rows_subset(data.x, wide.reserve.x)
-    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.schedule) == (10, 0.01, 64, 5e-4, "cosine")
+    # 270 images in batches of 64 take 5 steps an epoch: the step floor raises the 10 epochs to 20
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.weight_decay, cfg.schedule) == (20, 0.01, 64, 5e-4, "cosine")
+    assert result.extra["epochs"] == 20
     assert result.kind == "removal" and result.name == "tac" and result.seconds > 0
     assert result.params == dataclasses.asdict(TACParams(batch_size=64))
     json.dumps(result.to_json())
@@ -374,7 +376,7 @@ def test_target_weight_raises_the_flagged_class_clean_term(backdoored, monkeypat
     seen = []
     real = tac.weighted_cross_entropy
     monkeypatch.setattr(tac, "weighted_cross_entropy", lambda lo, y, w: seen.append(w.clone()) or real(lo, y, w))
-    kw = dict(epochs=1, batch_size=64, targets=[TARGET])
+    kw = dict(epochs=1, batch_size=64, targets=[TARGET], min_steps=0)
     weighted = make_defense("tac", target_weight=3.0, **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     expected = torch.ones(10)
     expected[TARGET] = 3.0
@@ -385,7 +387,7 @@ def test_target_weight_raises_the_flagged_class_clean_term(backdoored, monkeypat
 
 @pytest.mark.parametrize("rows", ["all", "targets"])
 def test_head_shift_draws_the_rows_again_pushes_them_off_the_original_and_keeps_their_norm(backdoored, rows):
-    kw = dict(epochs=1, batch_size=64, targets=[TARGET])
+    kw = dict(epochs=1, batch_size=64, targets=[TARGET], min_steps=0)
     w0 = backdoored.model.fc.weight.detach().clone()
     shifted = make_defense("tac", head_shift=0.2, head_shift_rows=rows, redraw_others=False, **kw).run(
         backdoored.model, backdoored.reserve, device="cpu")
@@ -462,6 +464,25 @@ def test_redraw_others_resets_the_weights_on_a_unit_the_reserve_never_drives(red
     assert out.extra["head_shift"]["redrawn"] == ("all" if redraw else "shifted")
 
 
+@pytest.mark.parametrize(("epochs", "min_steps", "n", "batch", "expected"), [
+    (10, 100, 270, 128, 34),  # the demo's reserve: 3 steps an epoch
+    (10, 100, 2500, 128, 10),  # a CIFAR-10 reserve takes 200 steps anyway
+    (2, 0, 130, 64, 2),  # no floor
+    (1, 5, 10, 20, 5),  # one (ragged) batch an epoch
+])
+def test_epochs_for_steps_raises_epochs_to_the_step_floor(epochs, min_steps, n, batch, expected):
+    assert tac.epochs_for_steps(epochs, min_steps, n, batch) == expected
+
+
+def test_min_steps_raises_the_epochs_of_a_head_shift_removal_only(backdoored, monkeypatch):
+    spy = FitSpy(monkeypatch, tac)
+    kw = dict(targets=[TARGET], epochs=1, batch_size=64, min_steps=6)  # 130 images: 3 steps an epoch
+    shifted = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
+    paper = make_defense("tac", **kw, **PAPER).run(backdoored.model, backdoored.reserve, device="cpu")
+    assert [cfg.epochs for _, cfg in spy.calls] == [2, 1]  # the paper's removal draws no row: epochs as given
+    assert shifted.extra["epochs"] == 2 and "epochs" not in paper.extra
+
+
 def test_kept_class_distillation_ignores_the_flagged_columns_and_matches_hinton_kd():
     teacher = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 1.0, 0.0, -2.0]])
     kept = torch.tensor([0, 1, 2])
@@ -479,7 +500,7 @@ def test_distill_is_on_by_default_over_the_classes_not_flagged(backdoored, monke
     seen = []
     real = tac.kept_class_distillation
     monkeypatch.setattr(tac, "kept_class_distillation", lambda s, t, k, temp: seen.append((t, k, temp)) or real(s, t, k, temp))
-    kw = dict(epochs=1, batch_size=65, targets=[TARGET])
+    kw = dict(epochs=1, batch_size=65, targets=[TARGET], min_steps=0)
     result = make_defense("tac", **kw).run(backdoored.model, backdoored.reserve, device="cpu")
     assert len(seen) == 2 and all(k.tolist() == [c for c in range(10) if c != TARGET] and temp == 2.0 for _, k, temp in seen)
     assert max_param_change(result.model, backdoored.model) > 0
@@ -572,6 +593,7 @@ def test_beta_and_stop_ratio_change_the_outcome(backdoored):
     ({"head_shift": -0.1}, "tac: parameter head_shift must be a number >= 0 (0: off)"),
     ({"head_shift_rows": "p"}, "tac: parameter head_shift_rows must be one of targets, all, got 'p'"),
     ({"redraw_others": "yes"}, "tac: parameter redraw_others must be true or false, got 'yes'"),
+    ({"min_steps": -1}, "tac: parameter min_steps must be an integer >= 0 (0: no floor), got -1"),
     ({"noise_loss": "kl"}, "tac: parameter noise_loss must be one of label, refuse, got 'kl'"),
     ({"distill": -1}, "tac: parameter distill must be a number >= 0 (0: off)"),
     ({"threshold": 0}, "tac: parameter threshold must be a number > 0"),

@@ -137,7 +137,7 @@ def test_deep_beta_weighs_the_deep_term_alone(backdoored, monkeypatch):
         return real(self, model, x, y)
 
     monkeypatch.setattr(tac._DeepTerms, "loss", spy)
-    common = dict(targets=[TARGET], batch_size=64, epochs=1, deep_layer="block3")
+    common = dict(targets=[TARGET], batch_size=64, epochs=1, deep_layer="block3", min_steps=0)
     make_defense("tac", deep_beta=0.0, **common).run(backdoored.model, backdoored.reserve, device="cpu")
     assert calls == []  # a zero weight skips the deep term's pass
     only_deep = make_defense("tac", beta=0.0, deep_beta=0.5, **common).run(backdoored.model, backdoored.reserve,

@@ -186,7 +186,7 @@ def test_removal_fits_noisy_copies_only_when_the_probe_flags_the_target():
     for unlearn in (False, True):
         spy = _InputSpy(_NoiseKeyed(key=0.5)).eval()
         result = make_defense("tac", noise_unlearn=unlearn, smooth_probe=0.0, epochs=2,
-                              batch_size=40).run(spy, images, device="cpu")
+                              batch_size=40, min_steps=0).run(spy, images, device="cpu")
         assert result.detection.target_classes == [0] and result.extra["targets"] == [0]
         trained = result.model  # a copy: the spy's counter lives on it
         if unlearn:
@@ -202,7 +202,7 @@ def test_noise_beta_weighs_the_noise_terms_apart_from_beta(beta, noise_beta, noi
     images = _images(n_per_class=20)
     spy = _InputSpy(_NoiseKeyed(key=0.5)).eval()
     result = make_defense("tac", noise_unlearn=True, smooth_probe=0.0, epochs=1, batch_size=40, beta=beta,
-                          noise_beta=noise_beta).run(spy, images, device="cpu")
+                          noise_beta=noise_beta, min_steps=0).run(spy, images, device="cpu")
     assert result.extra["noise_unlearn"] == [{"sigma": 0.1, "grid": 0}]
     assert result.model.noisy_training_batches == (len(images) // 40 if noisy else 0)
 
@@ -234,7 +234,7 @@ def test_noise_loss_chooses_what_the_noisy_copies_are_fitted_to(noise_loss, monk
     real = tac.refusal_loss
     monkeypatch.setattr(tac, "refusal_loss", lambda lo, y, t: calls.append(list(t)) or real(lo, y, t))
     result = make_defense("tac", noise_unlearn=True, smooth_probe=0.0, epochs=1, batch_size=40,
-                          noise_loss=noise_loss).run(_NoiseKeyed(key=0.5).eval(), images, device="cpu")
+                          noise_loss=noise_loss, min_steps=0).run(_NoiseKeyed(key=0.5).eval(), images, device="cpu")
     assert result.extra["noise_unlearn"] == [{"sigma": 0.1, "grid": 0}]
     assert calls == ([[0]] * (len(images) // 40) if noise_loss == "refuse" else [])
 
@@ -344,8 +344,8 @@ def test_tac_validates_the_smooth_probe():
 def test_removal_fits_smooth_noisy_copies_when_the_smooth_probe_flags_the_target():
     images = _images(n_per_class=20)
     spy = _InputSpy(_SmoothKeyed(key=1.0)).eval()
-    result = make_defense("tac", epochs=2, batch_size=40, smooth_probe=SMOOTH_PROBE_SIGMA).run(spy, images,
-                                                                                              device="cpu")
+    result = make_defense("tac", epochs=2, batch_size=40, smooth_probe=SMOOTH_PROBE_SIGMA, min_steps=0).run(
+        spy, images, device="cpu")
     assert result.detection.target_classes == [0]
     assert result.extra["noise_unlearn"] == [{"sigma": SMOOTH_PROBE_SIGMA, "grid": SMOOTH_PROBE_GRID}]
     assert result.model.noisy_training_batches == 2 * len(images) // 40
