@@ -112,7 +112,7 @@ def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):
     before = (attacked / "model.safetensors").read_bytes()
     out = tmp_path / "rem"
     assert main(["remove", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
-                 "--out", str(out), "--param", "epochs=2", "--device", "cpu"]) == 0
+                 "--out", str(out), "--param", "epochs=2", "--param", "min_steps=0", "--device", "cpu"]) == 0
     assert (attacked / "model.safetensors").read_bytes() == before
     report = json.loads((out / "report.json").read_text())
     assert report["parameters"]["params"]["epochs"] == 2
@@ -130,7 +130,8 @@ def test_remove_writes_new_weights_and_keeps_input(attacked, tmp_path):
 def test_remove_takes_a_deep_layer_and_names_a_wrong_one(attacked, tmp_path, capsys):
     out = tmp_path / "deep"
     assert main(["remove", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
-                 "--out", str(out), "--param", "epochs=1", "--param", "deep_layer=block3", "--device", "cpu"]) == 0
+                 "--out", str(out), "--param", "epochs=1", "--param", "min_steps=0", "--param", "deep_layer=block3",
+                 "--device", "cpu"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["parameters"]["params"]["deep_layer"] == "block3"
     capsys.readouterr()
