@@ -5,158 +5,56 @@ With z = φ(x) the penultimate latent and (W, b) the head, the minimal perturbat
     s_k = argmin ½‖s‖²  s.t.  (w_k − w_j)ᵀ(z_i + s) + b_k − b_j ≥ 0   for all clean i, all j ≠ k
 
 is a surrogate for the Trigger-Activated Changes of a backdoor into class k (solved exactly by
-:func:`latentguard.latent.qp.minimal_flip_perturbations`). A poisoned class p needs an outlying *small* ‖s_p‖:
-the MAD anomaly index of the (log-)norms flags it. ‖s_k‖ is set by the clean samples hardest to move into k; our
-extension also scores, per class k, the geometric mean over source classes a ≠ k of ‖s_{a→k}‖, the same QP
-restricted to the clean samples of class a (:func:`latentguard.latent.qp.pairwise_flip_perturbations`), i.e. how
-easily *every* class reaches k. ``statistic="both"`` (default) scores each class by the larger of the pairwise
-index and the per-class index minus ``class_margin`` (1): the per-class index hangs on a few hardest samples and
-needs the wider margin. Evidence (``benchmarks/tac_threshold.md``): on the zoo the pairwise index flags CIFAR-10
-TrojanNN's target (5.2; per-class 3.7) and raises no false flag, while the per-class index puts a non-target at
-4.08 (CIFAR-10 SIG) and 4.12 (CIFAR-10 LF); on the test suite's BadNets digits model only the per-class index
-sees the target (6.5; pairwise 2.1).
-Each statistic's MAD over the classes is floored at ``mad_floor`` (0.03 on the log scale, both statistics): the MAD of
-ten values rests on the two middle deviations, and when most classes agree within a few percent by chance a modest
-gap reads as an extreme index (a rebuilt CIFAR-10 clean zoo model: per-class MAD 0.017, class 1 19 % below the
-median, index 8.3; with the floor 4.8, i.e. 3.8 after the margin). On the third digits development set
-(``benchmarks/tac_mad_floor.md``: 20 clean and 12 backdoored small_cnn models), with all three verdicts, the floor
-takes the clean models flagged from 4 of 20 to 1 of 20 (a smooth-probe flag; 0 of 20 without that probe) and names
-the same 11 of 12 targets; 0.03 is the smallest floor that removes every tight-cluster flag there, and the zoo bounds
-it from above (0.04 unflags CIFAR-10 SIG and TrojanNN on the clean reserve).
+:func:`latentguard.latent.qp.minimal_flip_perturbations`). A poisoned class p needs an outlying *small* ‖s_p‖.
 
-The paper's removal (``beta=1, head_shift=0, distill=0``) fine-tunes on the clean reserve with
+**Detection.** The MAD anomaly index of the log-norms, with the MAD floored at ``mad_floor`` (0.03: ten classes
+that agree within a few percent by chance would otherwise read a modest gap as extreme; ``tac_mad_floor.md``).
+Our extension also scores, per class k, the geometric mean over source classes a ≠ k of ‖s_{a→k}‖ (the QP on the
+clean samples of class a alone, :func:`latentguard.latent.qp.pairwise_flip_perturbations`: how easily *every*
+class reaches k); ``statistic="both"`` (default) takes the larger of that index and the per-class one minus
+``class_margin`` (1), since the per-class norm hangs on a few hardest samples (``tac_threshold.md``: the pairwise
+index names CIFAR-10 TrojanNN, the per-class one raised false flags on CIFAR-10 SIG and LF). α = 4 was chosen on
+clean and backdoored models (:data:`DEFAULT_THRESHOLD`). The noise probe (on, σ 0.1 on a class-balanced 30 % of
+the reserve; ``tac_noise_probe_digits.md``) judges noisy copies a second time and flags what either verdict
+flags: a noise-like global trigger (Blend) hides from clean latents, but noisy images drift toward its target.
+The smooth probe (off; ``tac_smooth_probe_digits.md``, ``tac_mad_floor.md``) does the same with noise drawn on a
+4×4 lattice; it named no zoo target the others miss and raised held-out false flags. Detection stays within
+1.5× one forward pass over the reserve (``tac_detection_speed.md``).
+
+**Removal, the paper's** (``beta=1, head_shift=0, distill=0``): fine-tune on the clean reserve with
 
     L = CE(f(x), y) + β · Σ_p CE(head(φ(x) + s_p), y)
 
-so that the head no longer maps the reconstructed change to p. ``strategy="prune"`` instead zeroes the head's
-input columns for the latent units with the largest |s_p| (the reviewers' question) and then fine-tunes.
+with s_p solved once on the given model (re-solving every epoch made ‖s_p‖ grow without bound; ``tac_removal.md``).
 
-**The default removal is not the paper's since the previous version**: for each flagged p it draws the head's row w_p
-again and fine-tunes with α·⟨w_p, w_p^ori⟩ added (α = ``head_shift`` 0.5, the row kept at its original norm; FST's
-feature shift, Min et al. 2023, restricted to the flagged rows), β = 0, the probes' noise terms kept at weight 1
-(``noise_beta``) with half the flagging probe's σ (``noise_scale`` 0.5: on the Blend development build 79.9 / 1.7 %
-against 78.3 / 1.4 % at the probe's own σ; a quarter left 4.1 %; the weight did not matter, 0.1–1 gave 78.1–78.7 %). Chosen on CIFAR-10 development builds, not the zoo (``benchmarks/tac_head_shift.md``): BadNets
-seed 1 80.6 / 0.8 % against the paper's removal 79.4 / 10.7 % (82.2 / 95.4 undefended), the check build (seed 2)
-80.2 / 0.8 against 79.4 / 5.7, TrojanNN seed 1 (target named) 80.8 / 2.4 against 79.7 / 7.7, Blend seed 1
-78.3 / 1.4 against 77.5 / 1.4. With the s_p term on as well, the backdoor stays (15.8–19.4 %). On the zoo, run once
-after the choice: ASR ≤ 3 % within 2 ACC points on 7 of the 10 flagged models against 6 (CIFAR-10 BadNets 80.0 / 0.5 %
-against 79.0 / 6.2 %); where the noise term runs, CIFAR-10 Blend and TrojanNN lose 2.6 and 3.0 points (TrojanNN keeps
-4.3 %), and InputAware keeps 10.3 %.
+**Removal, the default** (our extension; every piece chosen on CIFAR-10 development builds, never on the zoo):
 
-**Since this version the removal also distils** (``distill`` λ = 1): λ·T²·KL(softmax(f_ori(x)/T) ‖ softmax(f(x)/T))
-over the logits of the classes not flagged (T = 2), f_ori a frozen copy of the given model, on the same clean
-batches. It keeps what the given model knows about the other classes while the flagged row is drawn again, and it
-never pulls that row back, since the flagged logits are left out. On the CIFAR-10 development builds
-(``benchmarks/tac_distill.md``) it cut the ACC cost of the removal from 1.4–3.2 to 0.5–1.7 points at about the same ASR: BadNets seed 1
-81.7 / 1.3 % against 80.6 / 0.8 %, Blend seed 1 81.3 / 1.6 against 79.9 / 1.7, TrojanNN seed 1 (target named)
-82.1 / 2.4 against 80.8 / 2.4, BadNets seed 2 (check) 81.1 / 0.6 against 80.2 / 0.8, Blend seed 2 (check)
-80.5 / 2.7 against 79.0 / 2.6; λ 0.3 kept less (Blend 80.5 %), λ 3 about as much as 1. On the zoo, run once after
-the choice: the goal on 9 of the 10 flagged models against 7 (CIFAR-10 Blend 80.7 / 2.7 %, 1.3 points); TrojanNN
-keeps 3.9 % at 1.5 points, InputAware 7.0 % (was 10.3). The teacher's forward pass makes the removal 1.2× slower.
-A TrojanNN check build trained after the choice (seed 2) keeps 70.8 % ASR with it, 25.9 % without (the paper's
-removal 17.1 %); the cause, the other rows, is below.
-**Since this version the other classes' rows are drawn again too** (``redraw_others``, no penalty and no norm kept
-on them; α and the norm projection stay on the flagged rows). On the TrojanNN seed-2 build the trigger still reached
-class 0 after the previous removal by pushing every other class down (``benchmarks/tac_redraw.md``: on triggered
-images the redrawn class-0 logit fell below zero, the others fell further), through the other rows' weights, which
-fine-tuning from the given head keeps wherever the clean reserve gives them no gradient. Drawn again, those weights
-start afresh: 81.2 / 2.5 % instead of 81.5 / 70.8 %. On the other development builds ACC stays within 0.2 points
-and ASR falls on four (TrojanNN seed 1 0.9 % instead of 2.4) and rises a little on the Blend seed-2 check (3.1 %
-instead of 2.7, just past the goal). FST's way, every row drawn *and* penalised (``head_shift_rows="all"``), also
-removes it (1.3 %) but costs 0.6–1.3 more points than this on every build; a hinge penalty on the flagged row (orthogonal instead of opposite) left 100 %;
-higher lr, 20 epochs or pruning 5–15 % of the units left 63–94 %. Redrawn rows need steps to be fit back: with the
-head shift on, ``min_steps`` (100) raises the epochs until the fine-tune takes at least that many optimiser steps.
-A CIFAR-10 reserve takes 200 in 10 epochs and is unaffected; on the digits development models (270-image reserve,
-3 steps an epoch; ``benchmarks/tac_min_steps_digits.md``) the 30 steps of 10 epochs left BadNets at 91.9 % ACC
-(one WaNet model's target class at 0 %), 102 steps at 97.1 / 15.1 % against the previous defaults' 97.0 / 38.1 %.
-``noise_loss="refuse"`` (the noisy copies must only not go to p) measured worse on Blend (79.2 / 5.1 %; 80.2 / 4.5
-with λ = 1).
+- *Head shift* (``head_shift`` α 0.5, FST's feature shift of Min et al. 2023 on the flagged rows only): each
+  flagged row w_p is drawn again, α·⟨w_p, w_p^ori⟩ joins the loss and the row keeps its norm; β = 0, since the
+  s_p term works against the shift (``tac_head_shift.md``).
+- *Distillation* (``distill`` λ 1): λ·T²·KL(softmax(f_ori(x)/T) ‖ softmax(f(x)/T)) over the logits of the classes
+  not flagged, T = 2, f_ori a frozen copy of the given model; it keeps what the model knew about the other classes
+  and never pulls the redrawn row back (ACC cost 1.4–3.2 → 0.5–1.7 points; ``tac_distill.md``).
+- *Other rows redrawn* (``redraw_others``): the other classes' rows are drawn again too, free of penalty and norm
+  projection. A trigger can reach p by pushing every other class down through other-row weights the reserve gives
+  no gradient; fine-tuned from the given head they stay (a TrojanNN build kept 70.8 % ASR), drawn again they start
+  afresh (2.5 %) at the same ACC elsewhere (``tac_redraw.md``, with ``tac_trigger_logits.py``).
+- *Step floor* (``min_steps`` 100, only with the head shift): epochs are raised until the fine-tune takes at least
+  that many optimiser steps, so the redrawn rows are fit back on a small reserve (``tac_min_steps_digits.md``).
+- *Noise terms*: when a probe flags a target the clean verdict does not (``noise_unlearn="probe_only"``), noisy
+  copies of the reserve are fitted to their labels (weight ``noise_beta`` 1, σ ``noise_scale`` 0.5 × the probe's):
+  unlearning s_p alone leaves such a backdoor in place (``tac_smooth_probe_digits.md``, ``tac_head_shift.md``).
 
-The paper-removal defaults (β = 1, 10 epochs, lr 0.01, cosine, s_p solved once on the given model) by measurement
-(``benchmarks/tac_removal.md``). On the CIFAR-10 BadNets zoo model (PreAct-ResNet18 w16, 2,500-image reserve;
-undefended ACC / ASR 82.0 / 94.6 %): fixed s_p 79.5 / 7.9; s_p re-solved every epoch with the early stop
-(``stop_ratio=1``) 80.3 / 18.9 and without it 66.4 / 0.0 — re-solving makes ‖s_p‖ grow without bound (5 → 3,248
-in 10 epochs) as the head learns to refuse class p altogether; pruning 5 % of the units 80.5 / 35.6; fixed
-with β = 2 78.8 / 7.5; fixed with 20 epochs 79.1 / 9.6. On digits (small_cnn, 4 reserves) fixed and re-solved
-are within noise of each other (ACC 96.0 vs 95.1 %, ASR 12.1 vs 11.2 %). Fixed is also cheaper.
+On the zoo the default meets the goal (ASR ≤ 3 % within 2 ACC points) on all 10 flagged models (``tac_redraw.md``).
 
-``surrogate="source"`` unlearns, for a clean image of class a, the pairwise s_{a→p} instead of the shared s_p.
-On the zoo (``benchmarks/tac_surrogate.md``) it lowers the patch triggers' remaining ASR (CIFAR-10 BadNets
-9.2 → 4.6 %, TrojanNN 9.5 → 6.4 %, GTSRB TrojanNN 14.3 → 5.9 %) but raises WaNet's and SIG's on CIFAR-10
-(2.0 → 3.3 %, 0.5 → 4.6 %) and costs up to 1.3 ACC points more there; the shared s_p meets the removal goal on
-5 of the 8 flagged models, the per-source one on 3, so the shared one stays the default. ``surrogate="both"``
-adds both terms (each weighted by β): CIFAR-10 BadNets 4.8 %, TrojanNN 4.1 %, GTSRB TrojanNN 7.7 %, at up to
-2.5 ACC points (CIFAR-10 WaNet 77.9 / 2.5); the goal on 4 models.
-
-The noise probe (our extension, on by default: ``noise_probe`` σ = 0.1, ``probe_fraction`` 0.3) judges a
-class-balanced 30 % of the reserve a second time under Gaussian pixel noise of σ and flags a class that either
-verdict flags (:func:`with_noise_probe`): a trigger that is itself a global, noise-like change (Blend with a noise
-key) hides from the clean latents, but noisy copies of clean images drift toward its target. σ and the share were
-chosen on digits development models only (``benchmarks/tac_noise_probe_digits.md``: on 18 backdoored and 6 clean
-small_cnn models, σ 0.1 on 30 % adds 2 of 6 BadNets and 3 of 6 Blend targets with no false flag; σ 0.15 raised a
-false flag). The 30 % keeps detection within 1.5× one forward pass (1.36× on CIFAR-10 and 1.38× on GTSRB, whose
-1,806 pairwise QPs per verdict are solved in one batch: ``benchmarks/tac_detection_speed.md``). The
-probe cannot lower a score, so it can only add flags; ``noise_probe=0`` and ``smooth_probe=0`` give the paper's
-verdict alone.
-
-The smooth probe (opt-in: ``smooth_probe`` σ = 0.3 when on, ``probe_grid`` 4, the same 30 %) judges that share
-under noise drawn on a 4×4 lattice per channel and upsampled (:func:`smooth_field`). A smooth, image-wide trigger
-(LF) moves the latent less than the minimal flip and answers to neither the clean reserve nor white noise, but
-smooth noise of the same σ puts its energy where such a trigger lives. Chosen on a second digits development
-set (``benchmarks/tac_smooth_probe_digits.md``; 30-epoch small_cnn models, 6 clean, 6 LF, 12 SIG, 3 each of
-BadNets, Blend and WaNet): with it the default names 6 of 6 LF targets instead of 3 and one more WaNet target,
-with no flag on a clean model and no non-target flag of its own. σ 0.2 named 5 of 6; a 2×2 lattice at σ 0.2 and
-an 8×8 one at σ 0.2–0.3 each flagged a clean model. Neither probe finds the SIG targets of that set (a 6-period
-sinusoid is not smooth at 4×4), and the white probe flags a non-target class on three of its SIG models. It was the
-default for one version and is off by default now: on the zoo it named no target that the clean verdict or the
-white probe misses (neither GTSRB SIG with target 2 nor the original CIFAR-10 LF), and on held-out models it raised
-the only false flags left under the MAD floor: class 1 of a new clean CIFAR-10 model (seed 1; index 4.7, 24 % below
-the median) and one of 20 clean models of the third digits set (``benchmarks/tac_mad_floor.md``), where it added one
-WaNet target; it also costs a second probe pass (1.80× instead of 1.38× one forward pass on GTSRB).
-
-When a probe flags a target that the clean verdict does not, removal also fits copies of the reserve carrying
-that probe's noise to their true labels (``noise_unlearn="probe_only"``, :func:`probe_unlearning_terms`):
-unlearning s_p alone leaves such a backdoor in place. On the second development set this took the five
-probe-only LF targets from 34–100 % ASR after removal to 6–21 %; on the three BadNets targets that the clean
-verdict flags too, the noise terms raised it (2.5 / 33.5 / 7.1 → 14.5 / 43.1 / 32.5 %), hence ``probe_only``
-rather than ``always`` (mean ASR after removal over the 13 flagged models 26.2 % against 26.7 %; never: 53.5 %).
-
-``shift_scale`` κ > 1 unlearns c·s_p with c ~ U[1, κ] per sample: s_p stops at p's decision boundary while the
-real trigger change is 1.1–2.3× longer on the flagged zoo models (``benchmarks/tac_direction.md``). With κ = 2.5
-(``benchmarks/tac_shift_scale.md``, two seeds) the CIFAR-10 patch triggers keep less (BadNets 9.2 / 8.7 →
-7.4 / 5.9 %, TrojanNN 9.5 / 9.2 → 6.4 / 5.4 %), CIFAR-10 WaNet keeps more (2.0 / 2.3 → 3.6 / 3.7 %), at up to
-0.7 more ACC points; the goal on 4 models instead of 5, so κ = 1 (the paper) stays the default.
-
-``deep_layer`` (our extension, off by default) also unlearns, for each flagged p, δ_p: the smallest universal shift
-of that layer's output found that sends ``deep_flip_rate`` of the reserve to p (:mod:`.deep_flip`; the QP's
-answer has no closed form below the head, so it is searched), refined on each batch inside the given model's ε_p:
-β·CE(f(x) with δ_p added at the layer, y). What the patch triggers keep after removal runs through more than one
-latent direction (``benchmarks/tac_residual.md``); a shift one block below the latent can stand for it. On digits
-development models (``benchmarks/tac_deep_digits.md``, target given) the last conv stage takes BadNets from 16.5 %
-to 0.0 % ASR at 5.8 more ACC points (one stage lower it does not help). On the zoo (``benchmarks/tac_deep.md``,
-``layer4.0``) it takes CIFAR-10 BadNets, TrojanNN and InputAware under 3 % ASR at 1.4–2.6 more ACC points (on
-BadNets lost mostly on the target class), and leaves GTSRB BadNets at 97.4 / 0.0 % (97.6 / 0.0 % without it); it costs 3.7–3.9×
-the removal time on digits and 2.5–3.1× on CIFAR-10. A falsely flagged clean
-class is expensive under it: a universal flip toward a clean class at the last conv stage is real class evidence,
-and unlearning it took one digits model to 34 % ACC (default removal 75 %), so use it with a verdict that flags one
-class, or name the target (``targets``). ``deep_beta`` weighs the deep term alone (0.1–0.3 kept ACC within a point of
-β = 1 and let ASR climb back to 3–4 % on a CIFAR-10 BadNets development build).
-
-``head_shift`` α > 0 (our extension, the default removal) brings FST's feature shift (Min et al., NeurIPS 2023)
-into TAC's removal, run only when detection flags a class: the flagged rows w_p of the head are drawn again
-(``head_shift_rows="targets"``; ``"all"``: every row, as FST does), α·⟨w_p, w_p^ori⟩ joins the loss and each row
-keeps its original norm, so the fine-tuned network must read p through other features than the ones the trigger
-drives. Every row (FST behind TAC's detection) removes as much on the BadNets builds (0.9 %) at 0.6–0.9 more ACC
-points. With the s_p term on as well the backdoor stays (15.8–19.4 % against FST's 0.9 %), so it runs with β = 0;
-``noise_beta`` keeps the probes' noise terms on without the s_p term (``benchmarks/tac_head_shift.md``).
-
-Removal's ACC cost falls mostly on the target class (CIFAR-10 BadNets, two development builds: −7 to −11 points,
-the others −1.8 to −1.9; ``benchmarks/tac_target_class.md``). Measured variants that try to keep it there, none the default:
-``target_weight`` (the flagged class's clean CE weighs more) and ``target_anchor`` (its images, moved back by s_p,
-must still read as p) give the target class 4–8 points back while the other classes lose as many, ASR the same or
-higher; ``spare_class_mean`` (unlearn s_p without its component along μ_p − μ_¬p) restores Blend's backdoor on
-digits (``benchmarks/tac_protect_digits.md``); ``tune_layers`` (fine-tune only those modules and the head) keeps
-ACC and the backdoor (last stage: 81.1 / 32.8 %; head alone: 80.7 / 55.9 %).
+**Measured options, off by default** (each with its page): ``strategy="prune"`` zeroes the head columns of the
+largest-|s_p| units (``tac_removal.md``); ``surrogate="source"|"both"`` unlearns the pairwise s_{a→p}
+(``tac_surrogate.md``); ``shift_scale`` κ unlearns c·s_p, c ~ U[1, κ] (``tac_shift_scale.md``); ``deep_layer``
+unlearns δ_p, the smallest universal flip toward p at a layer below the latent (:mod:`.deep_flip`; ``tac_deep.md``,
+``tac_deep_digits.md``; expensive on a falsely flagged class); ``head_shift_rows="all"`` penalises every row as FST
+does (``tac_redraw.md``); ``target_weight``, ``target_anchor``, ``spare_class_mean`` and ``tune_layers`` try to
+spare the target class's accuracy (``tac_target_class.md``, ``tac_protect_digits.md``); ``noise_loss="refuse"``
+only forbids p to the noisy copies (``tac_distill.md``). All pages are under ``benchmarks/``.
 """
 
 from __future__ import annotations
