@@ -32,6 +32,8 @@ SETTINGS = {  # directory suffix: (label, parameters as given to bench; the firs
     "kd1": ("previous defaults (flagged row redrawn, λ 1)", '{"tac": {"redraw_others": false}}'),
     "redraw": ("redraw_others: every row drawn again, α on the flagged row (new defaults)",
                '{"tac": {"redraw_others": true}}'),
+    "kd1_seed1": ("previous defaults, defense seed 1 (`bench --seed 1`)", '{"tac": {"redraw_others": false}}'),
+    "redraw_seed1": ("redraw_others, defense seed 1 (`bench --seed 1`)", '{"tac": {"redraw_others": true}}'),
     "all": ("head_shift_rows all (FST's: α on every row)", '{"tac": {"head_shift_rows": "all"}}'),
     "all_a02": ("head_shift_rows all, α 0.2", '{"tac": {"head_shift_rows": "all", "head_shift": 0.2}}'),
     "all_kd0": ("head_shift_rows all, λ 0", '{"tac": {"head_shift_rows": "all", "distill": 0}}'),
