@@ -31,6 +31,7 @@ from latentguard.defenses import DEFENSES, fire, make_defense
 from latentguard.defenses.tac import TACParams, detect, prune_latent_units
 from latentguard.errors import ModelError, SpecError
 from latentguard.models import load_model
+from latentguard.train import TrainConfig, steps_per_epoch
 from latentguard.workflows import _with_head
 
 FIXTURE = Path(__file__).parent / "fixtures" / "user_model.py"
@@ -454,7 +455,8 @@ def test_redraw_others_resets_the_weights_on_a_unit_the_reserve_never_drives(red
         model[1].bias[dead] = -1.0  # ReLU(−1) = 0 on every input
         model[3].weight[:, dead] = -3.0
     reserve = noise_images(60)
-    out = make_defense("tac", targets=[TARGET], epochs=1, batch_size=30, noise_probe=0.0, redraw_others=redraw).run(
+    out = make_defense("tac", targets=[TARGET], epochs=1, batch_size=30, noise_probe=0.0, min_steps=0,
+                       redraw_others=redraw).run(
         model, reserve, device="cpu")
     others = out.model[3].weight.detach()[[k for k in range(10) if k != TARGET], dead]
     if redraw:
@@ -471,7 +473,8 @@ def test_redraw_others_resets_the_weights_on_a_unit_the_reserve_never_drives(red
     (1, 5, 10, 20, 5),  # one (ragged) batch an epoch
 ])
 def test_epochs_for_steps_raises_epochs_to_the_step_floor(epochs, min_steps, n, batch, expected):
-    assert tac.epochs_for_steps(epochs, min_steps, n, batch) == expected
+    per_epoch = steps_per_epoch(n, TrainConfig(batch_size=batch))
+    assert tac.epochs_for_steps(epochs, min_steps, per_epoch) == expected
 
 
 def test_min_steps_raises_the_epochs_of_a_head_shift_removal_only(backdoored, monkeypatch):

@@ -134,6 +134,13 @@ def _set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    """Optimiser steps :func:`fit` takes per epoch over ``n`` images: a ragged last batch counts unless
+    ``drop_last`` skips it, capped at ``max_steps_per_epoch``."""
+    steps = n // cfg.batch_size if cfg.drop_last and n > cfg.batch_size else math.ceil(n / cfg.batch_size)
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
 def fit(
     model: nn.Module,
     data,
@@ -169,10 +176,8 @@ def fit(
         )
     else:
         opt = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = n // cfg.batch_size if cfg.drop_last and n > cfg.batch_size else math.ceil(n / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total = max(1, steps_per_epoch * cfg.epochs)
+    steps = steps_per_epoch(n, cfg)
+    total = max(1, steps * cfg.epochs)
     if cfg.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
     elif cfg.schedule == "cosine":
@@ -183,14 +188,14 @@ def fit(
     gen = torch.Generator().manual_seed(cfg.seed)
     history = TrainHistory()
     t_start = time.perf_counter()
-    progress = _Progress(cfg.progress, cfg.epochs * steps_per_epoch)
+    progress = _Progress(cfg.progress, cfg.epochs * steps)
     try:
         for epoch in range(cfg.epochs):
             _set_train_mode(model, cfg.freeze_bn)
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=gen)
             loss_sum, correct, seen = 0.0, 0, 0
-            for step in range(steps_per_epoch):
+            for step in range(steps):
                 idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
                 xb = to_float_images(x_all[idx]).to(dev, non_blocking=True)
                 yb = y_all[idx].to(dev, non_blocking=True)
