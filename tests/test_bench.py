@@ -90,8 +90,8 @@ def test_grid_resumes_without_double_counting(tiny_zoo, tmp_path):
     det = bad["detection"]
     assert det["noise_probe"] > 0 and det["smooth_probe"] > 0 and det["smooth_grid"] >= 1
     assert len(det["clean_scores"]) == len(det["probe_scores"]) == len(det["smooth_scores"]) == len(det["scores"])
-    assert det["scores"] == [max(a, b, c) for a, b, c in zip(det["clean_scores"], det["probe_scores"],
-                                                             det["smooth_scores"], strict=True)]
+    assert det["scores"] == [max(v) for v in zip(det["clean_scores"], det["alignment_scores"], det["probe_scores"],
+                                                 det["smooth_scores"], strict=True)]
     clean = next(r for r in rows if r["attack"] == "clean")
     assert clean["asr"] is None and "der" not in clean
     table = (out / "results.md").read_text()

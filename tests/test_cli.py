@@ -60,18 +60,21 @@ def test_detect_noise_probe_option(attacked, tmp_path, capsys):
     extra = det["extra"]
     assert extra["noise_probe"] == 0.1 and len(extra["probe_scores"]) == 10
     assert extra["smooth_probe"] == 0.3 and extra["smooth_grid"] == 4 and len(extra["smooth_scores"]) == 10
-    assert det["scores"] == [max(a, b, c) for a, b, c in zip(extra["clean_scores"], extra["probe_scores"],
-                                                             extra["smooth_scores"], strict=True)]
+    assert len(extra["alignment_scores"]) == 10  # on by default
+    assert det["scores"] == [max(v) for v in zip(extra["clean_scores"], extra["alignment_scores"],
+                                                 extra["probe_scores"], extra["smooth_scores"], strict=True)]
     assert 0 in det["target_classes"]
     result = json.loads((out / "result.json").read_text())
     assert result["parameters"]["noise_probe"] == 0.1 and result["parameters"]["smooth_probe"] == 0.3
     out = capsys.readouterr().out
-    assert "noisy" in out and "smooth" in out and "white noise of σ 0.1 and smooth noise of σ 0.3" in out
+    assert "noisy" in out and "smooth" in out and "aligned" in out and "white noise of σ 0.1 and smooth noise of σ 0.3" in out
     off = tmp_path / "off"
     assert main(["detect", "--model", str(attacked), "--clean", "digits", "--clean-fraction", "0.2",
-                 "--noise-probe", "0", "--smooth-probe", "0", "--out", str(off), "--device", "cpu"]) == 0
+                 "--noise-probe", "0", "--smooth-probe", "0", "--no-alignment", "--out", str(off),
+                 "--device", "cpu"]) == 0
     extra = json.loads((off / "detection.json").read_text())["extra"]
-    assert "probe_scores" not in extra and "smooth_scores" not in extra
+    assert "probe_scores" not in extra and "smooth_scores" not in extra and "alignment_scores" not in extra
+    assert json.loads((off / "result.json").read_text())["parameters"]["alignment"] is False
     assert "anomaly index" in capsys.readouterr().out
     assert main(["detect", "--model", str(attacked), "--clean", "digits", "--smooth-probe", "2",
                  "--out", str(tmp_path / "x"), "--device", "cpu"]) == 2

@@ -77,10 +77,12 @@ def test_detect_flags_the_badnets_target_and_no_other_class(backdoored):
 
 
 def test_default_statistic_takes_the_pairwise_index_or_the_class_index_minus_a_margin(backdoored):
-    # the statistics themselves, without the noise probe (tests/test_tac_noise_probe.py)
-    report = detect(backdoored.model, backdoored.reserve, device="cpu", noise_probe=0.0, smooth_probe=0.0)
-    by_class = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="class", noise_probe=0.0, smooth_probe=0.0)
-    pairwise = detect(backdoored.model, backdoored.reserve, device="cpu", statistic="pairwise", noise_probe=0.0, smooth_probe=0.0)
+    # the statistics themselves, without the probes (tests/test_tac_noise_probe.py) and the alignment
+    # (tests/test_tac_alignment.py)
+    off = dict(device="cpu", noise_probe=0.0, smooth_probe=0.0, alignment=False)
+    report = detect(backdoored.model, backdoored.reserve, **off)
+    by_class = detect(backdoored.model, backdoored.reserve, statistic="class", **off)
+    pairwise = detect(backdoored.model, backdoored.reserve, statistic="pairwise", **off)
     assert report.extra["statistic"] == "both" and report.extra["sources_per_class"] == [9] * 10
     assert report.extra["class_margin"] == tac.CLASS_MARGIN == 1.0
     assert report.norms == by_class.norms and pairwise.norms == report.extra["pairwise_norms"]
@@ -91,7 +93,7 @@ def test_default_statistic_takes_the_pairwise_index_or_the_class_index_minus_a_m
     # so the class index flags it, margin included
     assert int(np.argmax(pairwise.scores)) == TARGET and not pairwise.target_classes
     # a margin larger than the class index's lead hides it
-    wide = detect(backdoored.model, backdoored.reserve, device="cpu", class_margin=10.0, noise_probe=0.0, smooth_probe=0.0)
+    wide = detect(backdoored.model, backdoored.reserve, class_margin=10.0, **off)
     assert wide.target_classes == [] and wide.extra["class_margin"] == 10.0
 
 

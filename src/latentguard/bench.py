@@ -93,7 +93,7 @@ def run_cell(zoo_root: str, dataset: str, data_spec: str, attack: str, defense: 
         rec["detection"] = {"method": det.method, "norms": det.norms, "scores": det.scores,
                             "threshold": det.threshold, "seconds": det.seconds}
         # which verdict flagged what: the clean reserve's and each probe's indices, when they ran
-        rec["detection"].update({k: det.extra[k] for k in ("clean_scores", "probe_scores", "noise_probe",
+        rec["detection"].update({k: det.extra[k] for k in ("clean_scores", "alignment_scores", "probe_scores", "noise_probe",
                                                            "smooth_scores", "smooth_probe", "smooth_grid")
                                  if k in det.extra})
     if result.input_score is not None and backdoor_set is not None:

@@ -239,7 +239,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
     payload = workflows.detect_command(threshold=args.threshold, quantile=args.quantile, statistic=args.statistic,
                                        noise_probe=args.noise_probe, smooth_probe=args.smooth_probe,
-                                       mad_floor=args.mad_floor, **_defender_kwargs(args))
+                                       mad_floor=args.mad_floor, alignment=args.alignment, **_defender_kwargs(args))
     from rich.console import Console
     from rich.table import Table
 
@@ -248,7 +248,8 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     extra = payload.get("extra", {})
     stat = "mean ‖s_a→k‖" if extra.get("statistic") == "pairwise" else "‖s_k‖"
     # the probes that ran: show each verdict's index beside the combined one
-    probes = [(key, title) for key, title in (("probe_scores", "noisy"), ("smooth_scores", "smooth")) if key in extra]
+    probes = [(key, title) for key, title in (("alignment_scores", "aligned"), ("probe_scores", "noisy"),
+                                              ("smooth_scores", "smooth")) if key in extra]
     verdicts = ["clean", *(title for _, title in probes), "index"] if probes else ["anomaly index"]
     columns = ["class", "name", stat, *verdicts, "flagged"]
     for col in columns:
@@ -265,8 +266,12 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         if "smooth_probe" in extra:
             what.append(f"smooth noise of σ {extra['smooth_probe']:g} ({extra['smooth_grid']}×{extra['smooth_grid']} "
                         "lattice)")
-        print(f"index: the largest of the clean images' verdict and the probes' ({' and '.join(what)}, each on "
-              f"{extra.get('probe_size', '?')} noisy copies)")
+        if what:
+            print(f"index: the largest of the verdicts; the probes judge {extra.get('probe_size', '?')} noisy copies "
+                  f"({' and '.join(what)})")
+        if "alignment_scores" in extra:
+            print("aligned: how much each class's minimal flip leans on its own mean clean latent (index of "
+                  "‖s_k‖ / ‖s⊥_k‖)")
     print(f"threshold {payload['threshold']:g}, {payload['clean_size']} clean images, {payload['seconds']:.2f}s; "
           f"written to {args.out}")
     return 0
@@ -388,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mad-floor", type=_unit, default=None, metavar="SPREAD",
                    help="floor on the MAD of the log flip-norm statistics over the classes, a relative spread in [0, 1] "
                         "(default: TAC's; 0: the plain MAD)")
+    p.add_argument("--alignment", action=argparse.BooleanOptionalAction, default=None,
+                   help="also flag a class whose minimal flip leans on its own mean clean latent (default: on)")
     _add_out(p)
     _add_runtime(p)
     p.set_defaults(func=_cmd_detect)

@@ -261,7 +261,7 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                    clean_fraction: float | None, clean_indices: str | None, threshold: float | None, quantile: float,
                    out: str, overwrite: bool, device: str, seed: int, statistic: str = "both",
                    noise_probe: float | None = None, smooth_probe: float | None = None,
-                   mad_floor: float | None = None) -> dict[str, Any]:
+                   mad_floor: float | None = None, alignment: bool | None = None) -> dict[str, Any]:
     from latentguard.defenses.tac import detect
     from latentguard.report import plot_detection
 
@@ -273,7 +273,7 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                            overwrite=overwrite) as tmp:
         report = detect(net, reserve, threshold=threshold, quantile=quantile, device=dev, head=head,
                         statistic=statistic, noise_probe=noise_probe, smooth_probe=smooth_probe,
-                        mad_floor=mad_floor)
+                        mad_floor=mad_floor, alignment=alignment)
         payload = {**report.to_json(), "class_names": reserve.class_names, "clean_size": len(reserve)}
         write_json(tmp / "detection.json", payload)
         plot_detection(payload, tmp / "detection.png", class_names=reserve.class_names)
@@ -282,7 +282,8 @@ def detect_command(*, model: str, weights: str | None, head: str | None, width: 
                                            "threshold": threshold, "quantile": quantile, "statistic": statistic,
                                            "noise_probe": report.extra.get("noise_probe", 0.0),
                                            "smooth_probe": report.extra.get("smooth_probe", 0.0),
-                                           "mad_floor": report.extra.get("mad_floor"), "seed": seed},
+                                           "mad_floor": report.extra.get("mad_floor"),
+                                           "alignment": "alignment_scores" in report.extra, "seed": seed},
                                metrics={"backdoored": report.backdoored, "target_classes": report.target_classes},
                                seconds=report.seconds)
         write_json(tmp / "result.json", record)
