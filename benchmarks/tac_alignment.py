@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from digits_dev import dev_model
+from markdown_out import write_keeping_reading
 
 from latentguard.data import clean_reserve, load_data
 from latentguard.defenses.tac import DEFAULT_THRESHOLD, detect
@@ -53,7 +54,8 @@ def record(model, reserve, **info) -> dict:
     t2 = time.perf_counter()
     return {**info, "previous_flagged": before.target_classes, "previous_scores": before.scores,
             "flagged": after.target_classes, "scores": after.scores, "alignment": after.extra["alignment"],
-            "alignment_scores": after.extra["alignment_scores"], "seconds_previous": t1 - t0, "seconds": t2 - t1}
+            "alignment_index": after.extra["alignment_index"], "alignment_scores": after.extra["alignment_scores"],
+            "seconds_previous": t1 - t0, "seconds": t2 - t1}
 
 
 def done(out: Path) -> set[tuple]:
@@ -126,16 +128,17 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def per_model(rows: list[dict]) -> list[str]:
-    lines = ["| set | model | seed | ACC / ASR % | target's alignment a_p | its index (largest other) | flagged "
-             "before → with alignment | detection s before → with |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | model | seed | ACC / ASR % | target's alignment a_p | its signed index (largest other in "
+             "size) | flagged before → with alignment | detection s before → with |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        idx = np.asarray(r["alignment_scores"])
+        signed = np.asarray(r["alignment_index"])
+        idx = np.abs(signed)
         t = r["target"]
         asr = "–" if r["asr"] is None else f"{100 * r['asr']:.1f}"
         if t is None:
             tgt, ind = "–", f"– ({idx.max():.2f})"
         else:
-            tgt, ind = f"{r['alignment'][t]:.3f}", f"{idx[t]:.2f} ({np.delete(idx, t).max():.2f})"
+            tgt, ind = f"{r['alignment'][t]:.3f}", f"{signed[t]:.2f} ({np.delete(idx, t).max():.2f})"
         lines.append(f"| {r['set']} | {r['label']} | {r['seed']} | {100 * r['acc']:.1f} / {asr} | {tgt} | {ind} | "
                      f"{r['previous_flagged'] or '–'} → {r['flagged'] or '–'} | {r['seconds_previous']:.2f} → "
                      f"{r['seconds']:.2f} |")
@@ -148,7 +151,7 @@ def render(paths: list[Path], md: Path) -> None:
             "Produced by `python benchmarks/tac_alignment.py` (its docstring has the commands). `previous` is TAC's "
             "verdict without the alignment (the defaults before it), `with alignment` the new default. A backdoor "
             f"counts as learned at ASR ≥ {100 * LEARNED:.0f} %.", "", *summary(rows), "", *per_model(rows), ""]
-    md.write_text("\n".join(text))
+    write_keeping_reading(md, "\n".join(text))
 
 
 def main() -> None:

@@ -41,12 +41,14 @@ def main() -> None:
         reserve = Images(rng.integers(0, 256, (2500, 32, 32, 3), dtype=np.uint8), np.arange(2500) % 10,
                          [str(k) for k in range(10)])
     x, _ = reserve.tensors()
-    # detection settings timed in the same interleaved run: no probe, the white probe alone (default), both probes,
-    # and the default with the pairwise QPs solved one at a time (the solver before the batched one)
-    settings = {"no probe": ({"noise_probe": 0.0, "smooth_probe": 0.0}, True),
-                "white probe (default)": ({}, True),
-                "both probes": ({"smooth_probe": SMOOTH_PROBE_SIGMA}, True),
-                "white probe, pairwise QPs one at a time": ({}, False)}
+    # detection settings timed in the same interleaved run: no probe and no alignment, the default (white probe and
+    # alignment), the default without the alignment (the previous default), both probes, and the default with the
+    # pairwise QPs solved one at a time (the solver before the batched one)
+    settings = {"no probe, no alignment": ({"noise_probe": 0.0, "smooth_probe": 0.0, "alignment": False}, True),
+                "white probe and alignment (default)": ({}, True),
+                "white probe, no alignment": ({"alignment": False}, True),
+                "both probes and alignment": ({"smooth_probe": SMOOTH_PROBE_SIGMA}, True),
+                "default, pairwise QPs one at a time": ({}, False)}
     batched_limit = qp._BATCHED_GRAM_ENTRIES
     fwd, det = [], {name: [] for name in settings}
     for _ in range(args.repeats):
@@ -58,7 +60,7 @@ def main() -> None:
             t0 = time.perf_counter()
             report = detect(model, reserve, device="cpu", **kwargs)
             det[name].append(time.perf_counter() - t0)
-            if name == "white probe (default)":
+            if name == "white probe and alignment (default)":
                 default_flags = report.target_classes
     qp._BATCHED_GRAM_ENTRIES = batched_limit
     print(f"reserve {len(reserve)} images; forward {min(fwd):.2f}s")

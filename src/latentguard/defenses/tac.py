@@ -14,9 +14,13 @@ clean samples of class a alone, :func:`latentguard.latent.qp.pairwise_flip_pertu
 class reaches k); ``statistic="both"`` (default) takes the larger of that index and the per-class one minus
 ``class_margin`` (1), since the per-class norm hangs on a few hardest samples (``tac_threshold.md``: the pairwise
 index names CIFAR-10 TrojanNN, the per-class one raised false flags on CIFAR-10 SIG and LF). α = 4 was chosen on
-clean and backdoored models (:data:`DEFAULT_THRESHOLD`). The noise probe (on, σ 0.1 on a class-balanced 30 % of
-the reserve; ``tac_noise_probe_digits.md``) judges noisy copies a second time and flags what either verdict
-flags: a noise-like global trigger (Blend) hides from clean latents, but noisy images drift toward its target.
+clean and backdoored models (:data:`DEFAULT_THRESHOLD`). The alignment verdict (on; :func:`with_alignment`,
+``tac_alignment.md``) also solves s⊥_k, the minimal flip kept orthogonal to the class's mean clean latent μ_k, and
+flags a class whose a_k = ‖s_k‖ / ‖s⊥_k‖ is an outlier either way: dirty-label targets (LF, WaNet) are reached
+mostly by "more of μ_p", a clean-label SIG target by a direction its clean images never use. The noise probe
+(on, σ 0.1 on a class-balanced 30 % of the reserve; ``tac_noise_probe_digits.md``) judges noisy copies a second
+time and flags what either verdict flags: a noise-like global trigger (Blend) hides from clean latents, but noisy
+images drift toward its target.
 The smooth probe (off; ``tac_smooth_probe_digits.md``, ``tac_mad_floor.md``) does the same with noise drawn on a
 4×4 lattice; it named no zoo target the others miss and raised held-out false flags. Detection stays within
 1.5× one forward pass over the reserve (``tac_detection_speed.md``).
@@ -144,9 +148,9 @@ CLASS_MARGIN = 1.0  # under "both", the per-class index must exceed α by this m
 # α · 1.4826 · floor (about 16 % at α = 4) below the median to be flagged however closely the other classes agree;
 # chosen on the third digits development set and the zoo (benchmarks/tac_mad_floor.md)
 DEFAULT_MAD_FLOOR = 0.03
-# the alignment verdict (latentguard.latent.alignment): C more QPs on the clean latents; on the digits development
-# sets it named 18 of 32 learned targets (LF 7 of 8, WaNet 4 of 5) with no flag on 26 clean models and no
-# non-target flag (benchmarks/tac_alignment_digits.md)
+# the alignment verdict (latentguard.latent.alignment): C more QPs on the clean latents. Found on the first digits
+# development set (learned targets named 8 → 17 of 22: LF, WaNet, two SIG), checked unchanged on the third (10 → 11
+# of 12), no clean model (26) and no further non-target class flagged (benchmarks/tac_alignment.md)
 DEFAULT_ALIGNMENT = True
 # the pairwise statistic solves C (C − 1) small QPs (0.3 s for GTSRB's 43 classes on 2 cores); above this many
 # classes "both" uses the paper's per-class norm alone
