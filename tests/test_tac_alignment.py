@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import latentguard.defenses.tac as tac
+from _row_images import row_images, row_means
 from latentguard.data import Images
 from latentguard.defenses import make_defense
 from latentguard.defenses.tac import detect, probe_unlearning_terms
@@ -24,12 +25,9 @@ class _SpareUnits(nn.Module):
 
     def __init__(self, spare_for_target_only: bool = False) -> None:
         super().__init__()
-        self.rows = nn.Linear(SIZE * SIZE, C, bias=False)
+        self.rows = row_means(C, SIZE)
         self.head = nn.Linear(2 * C, C)
         with torch.no_grad():
-            self.rows.weight.zero_()
-            for c in range(C):
-                self.rows.weight[c, c * SIZE:(c + 1) * SIZE] = 1.0 / SIZE
             self.head.weight.zero_()
             self.head.weight[:, :C] = 4.0 * torch.eye(C)
             for c in range(C):
@@ -42,13 +40,8 @@ class _SpareUnits(nn.Module):
         return self.head(torch.cat([feats, torch.zeros_like(feats)], dim=1))
 
 
-def _images(n_per_class: int = 10, seed: int = 0) -> Images:
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(C), n_per_class)
-    x = np.zeros((len(y), SIZE, SIZE, 1), dtype=np.uint8)  # dark rows: μ_c lies along unit c
-    for i, c in enumerate(y):
-        x[i, c, :, 0] = 150 + rng.integers(0, 60)
-    return Images(x, y, [f"c{i}" for i in range(C)])
+def _images() -> Images:
+    return row_images(C, SIZE, n_per_class=10, background=0)  # black other rows: μ_c lies along unit c
 
 
 def test_alignment_flags_a_target_the_flip_norms_miss_and_joins_like_a_probe():
@@ -82,6 +75,8 @@ def test_alignment_also_flags_a_target_whose_flip_avoids_its_mean_latent():
 
 def test_alignment_runs_only_on_the_clean_reserve_not_on_the_probes():
     report = detect(_SpareUnits().eval(), _images(), device="cpu", noise_probe=0.1)
+    without = detect(_SpareUnits().eval(), _images(), device="cpu", noise_probe=0.1, alignment=False)
+    assert report.extra["probe_scores"] == without.extra["probe_scores"]  # the probe's verdict has no alignment
     assert len(report.extra["alignment_scores"]) == len(report.extra["probe_scores"]) == C
     expected = np.maximum.reduce([report.extra["clean_scores"], report.extra["alignment_scores"],
                                   report.extra["probe_scores"]])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import latentguard.defenses.tac as tac
+from _row_images import row_images, row_means
 from latentguard.data import Images
 from latentguard.defenses import make_defense
 from latentguard.defenses.base import DetectionReport
@@ -39,12 +40,9 @@ class _NoiseKeyed(nn.Module):
 
     def __init__(self, key: float) -> None:
         super().__init__()
-        self.rows = nn.Linear(SIZE * SIZE, C, bias=False)
+        self.rows = row_means(C, SIZE)
         self.head = nn.Linear(C + 1, C)
         with torch.no_grad():
-            self.rows.weight.zero_()
-            for c in range(C):
-                self.rows.weight[c, c * SIZE:(c + 1) * SIZE] = 1.0 / SIZE
             self.head.weight.zero_()
             self.head.weight[:, :C] = 4.0 * torch.eye(C)
             self.head.weight[0, C] = key
@@ -57,12 +55,7 @@ class _NoiseKeyed(nn.Module):
 
 def _images(n_per_class: int = 20, seed: int = 0) -> Images:
     """Row c bright (its level varies per class and per image), every other row dark: constant along rows."""
-    rng = np.random.default_rng(seed)
-    y = np.repeat(np.arange(C), n_per_class)
-    x = np.full((len(y), SIZE, SIZE, 1), 30, dtype=np.uint8)
-    for i, c in enumerate(y):
-        x[i, c, :, 0] = 150 + rng.integers(0, 60)
-    return Images(x, y, [f"c{i}" for i in range(C)])
+    return row_images(C, SIZE, n_per_class, seed)
 
 
 def test_noisy_copy_is_seeded_keeps_labels_and_adds_noise_of_sigma():

@@ -247,7 +247,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
                                              if payload["backdoored"] else "no backdoor found"))
     extra = payload.get("extra", {})
     stat = "mean ‖s_a→k‖" if extra.get("statistic") == "pairwise" else "‖s_k‖"
-    # the probes that ran: show each verdict's index beside the combined one
+    # the verdicts that ran beside the clean one (alignment, probes): show each index beside the combined one
     probes = [(key, title) for key, title in (("alignment_scores", "aligned"), ("probe_scores", "noisy"),
                                               ("smooth_scores", "smooth")) if key in extra]
     verdicts = ["clean", *(title for _, title in probes), "index"] if probes else ["anomaly index"]
